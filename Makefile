@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 # constraints/cpu.txt pins a CPU-friendly torch so pip never pulls a CUDA build by accident.
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints/cpu.txt
 # the local wheel mirrors of some machines print one warning per package: keep the log readable
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1

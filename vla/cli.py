@@ -63,9 +63,14 @@ def parse_config(
 def train_main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser("train.py", "Train a vla policy (single process, or under `accelerate launch`).")
     _, cfg = parse_config(parser, argv)
-    from vla.training import train
+    from vla.data.mixture import MixtureError
+    from vla.training import TrainingDiverged, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except (MixtureError, TrainingDiverged, ConfigError) as e:
+        # problems found in the data or the run: one message, no traceback (the run's log has the details)
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
 
 
 def eval_libero_main(argv: Sequence[str] | None = None) -> None:

@@ -41,13 +41,17 @@ class BackboneConfig:
         layerwise: expose per-layer hidden states of the VLM so each action layer attends to its own VLM layer
             (pi0 style); otherwise every action layer attends to the last hidden state.
         freeze: "none", "vision", "language" or "all": which parts of the backbone get no gradient.
-        train_last_n_layers: if >= 0, train only the last n language-model layers (others frozen).
-        lora_rank: if > 0, wrap the language model's attention projections with LoRA adapters of this rank (peft).
+        train_last_n_layers: if >= 0, train only the last n language-model layers and the final norm (hf_vlm;
+            the embeddings and earlier layers are frozen; with LoRA, adapters go into those n layers only).
+        lora_rank: if > 0, wrap the language model's attention projections with LoRA adapters of this rank (peft,
+            hf_vlm); the base language-model weights are then frozen.
         gradient_checkpointing: recompute backbone activations in backward to save memory.
         dtype: parameter dtype of the backbone ("float32" or "bfloat16").
         width: width of the prefix tokens handed to the action transformer (compact backbone).
         tokens_per_image: spatial tokens kept per camera by the compact backbone (pooled to a square grid).
         max_text_tokens: instruction tokens kept (padding/truncation length).
+        channels_last: run the timm encoder in channels-last memory format (compact; faster convolutions on CPU
+            and with mixed precision on GPU).
     """
 
     kind: Literal["compact", "hf_vlm"] = "compact"
@@ -64,6 +68,7 @@ class BackboneConfig:
     width: int = 256
     tokens_per_image: int = 16
     max_text_tokens: int = 32
+    channels_last: bool = True
 
     def validate(self) -> None:
         if self.kind == "hf_vlm" and not self.model_name_or_path:
@@ -71,6 +76,20 @@ class BackboneConfig:
         _check_positive(self, "width", "tokens_per_image", "max_text_tokens")
         if self.lora_rank < 0:
             raise ConfigError(f"backbone.lora_rank must be >= 0, got {self.lora_rank}")
+        side = int(self.tokens_per_image**0.5 + 0.5)
+        if side * side != self.tokens_per_image:
+            raise ConfigError(f"backbone.tokens_per_image must be a square number (pooled to a g x g grid), "
+                              f"got {self.tokens_per_image}")
+        if self.kind == "compact":
+            for name, value, off in (("layerwise", self.layerwise, False), ("lora_rank", self.lora_rank, 0),
+                                     ("train_last_n_layers", self.train_last_n_layers, -1)):
+                if value != off:
+                    raise ConfigError(f"backbone.{name}={value} needs backbone.kind='hf_vlm' (the compact backbone "
+                                      f"has no language-model layers)")
+        if self.train_last_n_layers >= 0 and self.freeze in ("language", "all") and self.lora_rank == 0:
+            raise ConfigError(f"backbone.train_last_n_layers={self.train_last_n_layers} contradicts "
+                              f"backbone.freeze='{self.freeze}' (the language model is frozen and has no LoRA); use "
+                              f"freeze='vision' or 'none', or set backbone.lora_rank")
 
 
 @dataclass
@@ -81,8 +100,10 @@ class HorizonConfig:
         horizons: increasing horizons h1 < ... < hk <= chunk_size; empty means a single horizon (the chunk).
         balance_weight: weight of the gate's balance loss (paper: 1e-3).
         dynamic: execute a variable number of actions per model call, chosen by cross-horizon agreement.
-        agreement_threshold: a step is executable while the horizons covering it disagree by less than this
-            (mean absolute difference in normalized action units).
+        agreement_threshold: a step is executable while the horizons covering it disagree by at most this: the
+            mean absolute difference between each covering horizon's denoised estimate and the fused one, in
+            normalized action units, averaged over the denoising steps. Only steps that at least two horizons
+            predict can qualify, so at most the second-longest horizon is executed.
         min_execute: always execute at least this many actions per call when dynamic.
         max_execute: never execute more than this many actions per call (0 = the chunk size).
     """
@@ -106,6 +127,8 @@ class ActionConfig:
         num_heads: attention heads.
         ffn_dim: hidden width of a dense FFN (`d` layers).
         expert_ffn_dim: hidden width of one expert (0 = ffn_dim). Set ffn_dim / top_k for equal active parameters.
+        hb_expert_ffn_dim: hidden width of one hb expert and of the shared expert (0 = expert_ffn_dim): HB-MoE uses
+            many small experts, so (hb_top_k + hb_num_shared) * hb_expert_ffn_dim = ffn_dim keeps the active width.
         layers: comma-separated FFN kind per layer, from d, as, hb, nm. Its length is the depth.
         as_num_experts, as_top_k: HiMoE Action-Space MoE (router sees only the embodiment descriptor).
         hb_num_experts, hb_top_k, hb_num_shared: HiMoE Heterogeneity-Balancing MoE (per-token router + shared).
@@ -118,6 +141,7 @@ class ActionConfig:
         noise_conditioned_attention: add the noise-level embedding to the normed input of attention (MoDE).
         dropout: dropout inside the transformer.
         expert_cache: fuse the experts of token-independent routers per (embodiment, denoising step) in eval mode.
+        track_routing: accumulate expert-usage histograms for `routing_stats()` (one small host copy per forward).
         moh: Mixture of Horizons settings.
     """
 
@@ -127,6 +151,7 @@ class ActionConfig:
     num_heads: int = 4
     ffn_dim: int = 1024
     expert_ffn_dim: int = 0
+    hb_expert_ffn_dim: int = 0
     layers: str = "d,d,d,d"
     as_num_experts: int = 3
     as_top_k: int = 1
@@ -144,6 +169,7 @@ class ActionConfig:
     noise_conditioned_attention: bool = True
     dropout: float = 0.0
     expert_cache: bool = True
+    track_routing: bool = True
     moh: HorizonConfig = field(default_factory=HorizonConfig)
 
     @property
@@ -171,6 +197,30 @@ class ActionConfig:
         if self.n_action_steps > self.chunk_size:
             raise ConfigError(
                 f"action.n_action_steps={self.n_action_steps} exceeds action.chunk_size={self.chunk_size}"
+            )
+        for name in ("expert_ffn_dim", "hb_expert_ffn_dim", "hb_num_shared", "hb_balance_weight",
+                     "nm_balance_weight", "as_reg_weight", "router_z_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"action.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("router_jitter", "dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"action.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.as_reg_temperature <= 0:
+            raise ConfigError(f"action.as_reg_temperature must be > 0, got {self.as_reg_temperature}")
+        moh = self.moh
+        if moh.balance_weight < 0 or moh.agreement_threshold < 0:
+            raise ConfigError(
+                f"action.moh.balance_weight and action.moh.agreement_threshold must be >= 0, got "
+                f"{moh.balance_weight} and {moh.agreement_threshold}"
+            )
+        if not 1 <= moh.min_execute <= self.chunk_size:
+            raise ConfigError(
+                f"action.moh.min_execute must be in [1, chunk_size={self.chunk_size}], got {moh.min_execute}"
+            )
+        if moh.max_execute and not moh.min_execute <= moh.max_execute <= self.chunk_size:
+            raise ConfigError(
+                f"action.moh.max_execute must be 0 or in [min_execute={moh.min_execute}, chunk_size={self.chunk_size}],"
+                f" got {moh.max_execute}"
             )
         hs = list(self.moh.horizons)
         if hs:
@@ -211,7 +261,15 @@ class ObjectiveConfig:
     p_std: float = 1.2
 
     def validate(self) -> None:
-        _check_positive(self, "num_inference_steps", "sigma_min", "sigma_max", "sigma_data")
+        _check_positive(self, "num_inference_steps", "sigma_min", "sigma_max", "sigma_data", "time_beta_a",
+                        "time_beta_b", "rho", "p_std")
+        if not 0 <= self.time_min < 1:
+            raise ConfigError(f"objective.time_min must be in [0, 1), got {self.time_min}")
+        if self.kind not in ("flow", "edm") or self.sampler not in ("euler", "dpm"):
+            raise ConfigError(
+                f"objective.kind must be 'flow' or 'edm' and objective.sampler 'euler' or 'dpm', got "
+                f"kind='{self.kind}', sampler='{self.sampler}'"
+            )
         if self.sigma_min >= self.sigma_max:
             raise ConfigError(f"objective.sigma_min={self.sigma_min} must be < objective.sigma_max={self.sigma_max}")
 
@@ -223,6 +281,8 @@ class DataConfig:
     Args:
         mixture: a mixture file (`datasets/mixtures/*.yaml`/json) or a single LeRobot dataset (local root or hub id).
         embodiments_file: extra embodiment entries (JSON/YAML) added to the built-in registry.
+        embodiment: the embodiment of a single-dataset `mixture` and of mixture entries that name none; empty =
+            the dataset's `robot_type` if that names a registered embodiment.
         cameras: canonical camera names, in the order the backbone sees them.
         image_size: square resolution every camera is resized to.
         unified_action_dim: size of the unified action vector shared by all embodiments (HiMoE: 24).
@@ -230,6 +290,7 @@ class DataConfig:
         normalization: "quantile" (q01/q99 to [-1, 1]) or "mean_std".
         augment: random crop/resize + color jitter on training images.
         crop_scale: random-resized-crop minimum area fraction.
+        color_jitter: brightness/contrast/saturation jitter strength j (factors in [1 - j, 1 + j]; 0 = off).
         num_workers: DataLoader workers per process.
         batch_size: samples per process per micro-batch.
         seed: seed of the sampling order.
@@ -237,6 +298,7 @@ class DataConfig:
 
     mixture: str = ""
     embodiments_file: str = ""
+    embodiment: str = ""
     cameras: tuple[str, ...] = ("base", "wrist")
     image_size: int = 128
     unified_action_dim: int = 24
@@ -244,6 +306,7 @@ class DataConfig:
     normalization: Literal["quantile", "mean_std"] = "quantile"
     augment: bool = True
     crop_scale: float = 0.9
+    color_jitter: float = 0.2
     num_workers: int = 2
     batch_size: int = 32
     seed: int = 0
@@ -256,6 +319,10 @@ class DataConfig:
             raise ConfigError(f"data.cameras has duplicates: {list(self.cameras)}")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError(f"data.crop_scale must be in (0, 1], got {self.crop_scale}")
+        if not 0 <= self.color_jitter < 1:
+            raise ConfigError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -267,6 +334,7 @@ class TrainConfig:
         lr, weight_decay, betas: AdamW settings (decay only on matrices).
         backbone_lr_scale: backbone learning rate = lr * this.
         warmup_steps: linear warm-up, then cosine decay to lr * min_lr_ratio.
+        min_lr_ratio: final learning rate as a fraction of lr.
         grad_clip: max gradient norm (0 = off).
         grad_accum: micro-batches per optimiser step.
         mixed_precision: "no", "bf16" or "fp16" (Accelerate).
@@ -277,6 +345,8 @@ class TrainConfig:
         output_dir: root of runs; a run lands in output_dir/run_name.
         run_name: the run's folder name.
         resume: continue output_dir/run_name/last if it exists.
+        stop_at: end this invocation after this step with a checkpoint, keeping the schedule of `steps`
+            (for jobs in time-limited slots; resume later with train.resume); 0 = run to `steps`.
         init_from: checkpoint directory to initialise weights from (fine-tuning).
         freeze_routers: keep router weights fixed (MoDE fine-tuning).
     """
@@ -299,6 +369,7 @@ class TrainConfig:
     output_dir: str = "checkpoints"
     run_name: str = "run"
     resume: bool = False
+    stop_at: int = 0
     init_from: str = ""
     freeze_routers: bool = False
 
@@ -306,19 +377,44 @@ class TrainConfig:
         _check_positive(self, "steps", "lr", "grad_accum", "log_every", "save_every", "keep_last")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must both be in [0, 1), got {self.betas}")
+        for name in ("weight_decay", "grad_clip", "backbone_lr_scale", "stop_at"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.stop_at > self.steps:
+            raise ConfigError(f"train.stop_at={self.stop_at} exceeds train.steps={self.steps}")
 
 
 @dataclass
 class EvalConfig:
-    """Simulator evaluation defaults (official protocols; see vla/sim).
+    """Simulator evaluation settings (official protocols by default; see vla/sim/libero.py and vla/sim/calvin.py).
 
     Args:
-        suite: LIBERO suite name or "calvin".
+        suite: LIBERO suite name (libero_spatial/object/goal/10/90 or a LIBERO-PRO perturbed suite) or "calvin".
         tasks: task indices to evaluate (empty = all tasks of the suite).
-        episodes_per_task: LIBERO episodes per task (official: 50, one per fixed init state).
-        num_workers: parallel simulator processes.
-        videos_per_task: first k episodes of each task saved as mp4 (failures are always saved when > 0).
-        seed: evaluation seed.
+        episodes_per_task: LIBERO episodes per task, episode i starting from fixed init state i (official: 50).
+        num_workers: parallel simulator processes, each with its own env and policy (1 = in-process).
+        videos_per_task: first k episodes of each LIBERO task (first k chains on CALVIN) saved as mp4.
+        seed: evaluation seed (openpi's LIBERO default: 7); each episode's seed derives from it and its indices.
+        image_size: square render resolution of every LIBERO camera handed to the policy.
+        max_steps: LIBERO policy steps per episode after the settle steps (0 = the official budget of the suite).
+        replan_steps: 0 = the policy's own action queue (`select_action`); k > 0 = query
+            `predict_action_chunk` and execute its first k actions before asking again (openpi's replan_steps).
+        failure_videos: also save a video of every failed LIBERO episode (frames are then kept for every episode).
+        video_stride: control steps between video frames (LIBERO runs at 20 Hz: 5 -> 4 fps); frames rendered for
+            the policy are reused, so a stride equal to the replanning interval costs no extra rendering.
+        fast_reset: LIBERO soft resets (robosuite hard_reset=False): ~60x faster resets (0.05 s instead of ~4 s),
+            but states differ from the official hard resets by ~1e-5 (MuJoCo warm start), so it is recorded as a
+            protocol deviation.
+        calvin_num_chains: evaluate the first N of the 1000 CALVIN instruction chains (official: all 1000).
+        calvin_chain_seed: seed of the chain generator (0 reproduces the official chain set).
+        calvin_max_steps: CALVIN steps per subtask (official: 360).
+        calvin_scene: calvin_env scene config evaluated (official D->D and ABC->D: "calvin_scene_D").
     """
 
     suite: str = "libero_object"
@@ -327,6 +423,28 @@ class EvalConfig:
     num_workers: int = 1
     videos_per_task: int = 2
     seed: int = 7
+    image_size: int = 128
+    max_steps: int = 0
+    replan_steps: int = 0
+    failure_videos: bool = True
+    video_stride: int = 5
+    fast_reset: bool = False
+    calvin_num_chains: int = 1000
+    calvin_chain_seed: int = 0
+    calvin_max_steps: int = 360
+    calvin_scene: str = "calvin_scene_D"
+
+    def validate(self) -> EvalConfig:
+        _check_positive(self, "episodes_per_task", "num_workers", "image_size", "video_stride", "calvin_num_chains",
+                        "calvin_max_steps")
+        for name in ("max_steps", "replan_steps", "videos_per_task"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+        if any(t < 0 for t in self.tasks):
+            raise ConfigError(f"eval.tasks must be non-negative task indices, got {list(self.tasks)}")
+        if self.calvin_num_chains > 1000:
+            raise ConfigError(f"eval.calvin_num_chains must be at most 1000, got {self.calvin_num_chains}")
+        return self
 
 
 @dataclass
@@ -342,7 +460,7 @@ class VLAConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> VLAConfig:
-        for part in (self.backbone, self.action, self.objective, self.data, self.train):
+        for part in (self.backbone, self.action, self.objective, self.data, self.train, self.eval):
             part.validate()
         return self
 
@@ -424,7 +542,9 @@ def _mode() -> VLAConfig:
 
 def _himoe_paligemma() -> VLAConfig:
     """Close to HiMoE-VLA: PaliGemma prefix with layerwise attention, 18-layer action expert
-    (AS-MoE at the first/last 2 layers, HB-MoE at 2-5 and 12-15, dense between), flow matching, chunk 10."""
+    (AS-MoE at the first/last 2 layers, HB-MoE at 2-5 and 12-15, dense between), flow matching, chunk 10.
+    HB experts are a quarter of the dense FFN wide (32 of them, top-4 + 1 shared): full-width experts would put
+    2.1 B parameters into the HB layers alone."""
     layers = ["as"] * 2 + ["hb"] * 4 + ["d"] * 6 + ["hb"] * 4 + ["as"] * 2
     return VLAConfig(
         preset="himoe-paligemma",
@@ -432,7 +552,7 @@ def _himoe_paligemma() -> VLAConfig:
                                 dtype="bfloat16", gradient_checkpointing=True, max_text_tokens=48),
         action=ActionConfig(
             chunk_size=10, n_action_steps=10, width=1024, num_heads=8, ffn_dim=4096, layers=",".join(layers),
-            as_num_experts=3, as_top_k=1, hb_num_experts=32, hb_top_k=4, hb_num_shared=1,
+            as_num_experts=3, as_top_k=1, hb_num_experts=32, hb_top_k=4, hb_num_shared=1, hb_expert_ffn_dim=1024,
             hb_balance_weight=1e-3, as_reg_weight=2e-3, as_reg_temperature=0.1,
         ),
         objective=ObjectiveConfig(kind="flow", num_inference_steps=10),

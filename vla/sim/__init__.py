@@ -1,0 +1,29 @@
+"""Simulator evaluations with the official protocols, and the simulator adapters they use.
+
+    libero_env.py   LIBERO envs and the simulator -> policy observation mapping (shared with the data generators)
+    libero.py       the official LIBERO protocol: `evaluate_libero(policy, EvalConfig, out_dir)`, eval/libero.py
+    calvin.py       the official CALVIN long-horizon protocol: `evaluate_calvin(...)`, eval/calvin.py
+    policies.py     the policy interface an evaluation drives, policy sources, a random reference policy
+    runner.py       episodes in parallel worker processes, each with its own env and policy; crash-tolerant
+    results.py      results.json / results.md / plots / videos and the crash-safe episode log behind --resume
+
+Importing this package loads no simulator: `evaluate_libero` and `evaluate_calvin` are imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["evaluate_calvin", "evaluate_libero"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "evaluate_libero":
+        from vla.sim.libero import evaluate_libero
+
+        return evaluate_libero
+    if name == "evaluate_calvin":
+        from vla.sim.calvin import evaluate_calvin
+
+        return evaluate_calvin
+    raise AttributeError(f"module 'vla.sim' has no attribute {name!r}")

@@ -1,0 +1,168 @@
+"""LIBERO protocol: constants and init states as the issue states them, and short runs in the real simulator."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from vla.config import EvalConfig
+from vla.sim import libero as L
+from vla.sim.policies import RandomPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_protocol_constants():
+    assert L.MAX_STEPS == {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520,
+                           "libero_90": 400}
+    assert L.SETTLE_STEPS == 10 and L.SETTLE_ACTION == (0, 0, 0, 0, 0, 0, -1)
+    assert L.INIT_STATES_PER_TASK == 50 and EvalConfig().episodes_per_task == 50
+    assert L.base_suite("libero_goal_swap") == "libero_goal" and L.suite_max_steps("libero_10_lan") == 520
+    with pytest.raises(ValueError, match="unknown LIBERO suite"):
+        L.base_suite("libero_nonsense")
+
+
+@pytest.mark.sim
+def test_suites_and_fixed_init_states():
+    from vla.sim.libero_env import get_init_states, num_tasks
+
+    for suite, n in {"libero_spatial": 10, "libero_object": 10, "libero_goal": 10, "libero_10": 10,
+                     "libero_90": 90}.items():
+        assert num_tasks(suite) == n
+        states = get_init_states(suite, n - 1)
+        assert states.shape[0] == 50 and states.ndim == 2
+    pro = L.perturbed_suites()
+    assert {"libero_object_swap", "libero_goal_lan", "libero_spatial_object", "libero_10_task"} <= set(pro)
+    assert "libero_object_env" not in pro  # registered, but the installed package lacks its files
+    # official suites instruct with the task language; LIBERO-PRO suites with their (perturbed) BDDL instruction
+    assert L.task_instruction("libero_goal", 0) == "open the middle drawer of the cabinet"
+    assert L.task_instruction("libero_goal_task", 0) == "open the bottom drawer of the cabinet"
+    assert L.task_instruction("libero_goal_lan", 0) == "open the cabinet’s middle drawer"
+    cfg = EvalConfig(suite="libero_object", tasks=(0,), episodes_per_task=51)
+    with pytest.raises(ValueError, match="has 50 fixed init states"):
+        L.evaluate_libero("random", cfg, "/nonexistent/never/written")
+
+
+class ProbePolicy(RandomPolicy):
+    """A chunking random policy that records what it was shown and can raise in one episode."""
+
+    def __init__(self, chunk=2, raise_in_episode=None, exc=RuntimeError):
+        super().__init__(7, chunk=chunk)
+        self.raise_in, self.exc = raise_in_episode, exc
+        self.episode, self.seen = -1, []
+
+    def reset(self):
+        super().reset()
+        self.episode += 1
+
+    def select_action(self, observation):
+        if self.episode == self.raise_in:
+            raise self.exc("policy exploded")
+        self.seen.append(observation)
+        return super().select_action(observation)
+
+    def predict_action_chunk(self, observation):
+        """(1, 4, 7): used instead of select_action when the evaluation replans itself (replan_steps > 0)."""
+        return np.stack([self.select_action(observation) for _ in range(4)])[None]
+
+
+@pytest.mark.sim
+def test_short_real_run_writes_every_output_and_survives_a_raising_policy(tmp_path):
+    """One task, 2 episodes, 6 steps, official hard resets; the policy raises in the first episode."""
+    policy = ProbePolicy(chunk=2, raise_in_episode=0)
+    cfg = EvalConfig(suite="libero_object", tasks=(0,), episodes_per_task=2, max_steps=6, videos_per_task=1,
+                     video_stride=2)
+    results = L.evaluate_libero(policy, cfg, tmp_path, progress=False)
+
+    first, second = results["tasks"][0]["records"]
+    assert (first["episode"], second["episode"]) == (0, 1) and (first["init_state"], second["init_state"]) == (0, 1)
+    assert first["error"] == "RuntimeError: policy exploded" and first["error_source"] == "policy"
+    assert not first["success"] and first["steps"] == 0
+    assert second["error"] is None and second["steps"] == 6 and second["policy_queries"] == 3  # the run went on
+    assert set(second["time_s"]) == {"reset", "sim", "render", "policy"} and second["wall_time_s"] > 0
+    assert first["seed"] != second["seed"]
+
+    # what the policy saw: images only when it asked (every 2nd step), upright 128 px, the official state
+    assert len(policy.seen) == 6
+    with_images = [o for o in policy.seen if "observation.images.base" in o]
+    assert len(with_images) == 3
+    obs = with_images[0]
+    assert obs["observation.images.base"].shape == (128, 128, 3) and obs["observation.images.base"].dtype == np.uint8
+    assert obs["observation.images.wrist"].shape == (128, 128, 3)
+    assert obs["observation.state"].shape == (8,) and obs["observation.state"].dtype == np.float32
+    assert obs["task"] == "pick up the alphabet soup and place it in the basket"
+    assert obs["embodiment"] == "libero_panda"
+
+    # every output
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["protocol"]["max_steps"] == 6 and on_disk["protocol"]["settle_steps"] == 10
+    assert on_disk["protocol"]["reset"] == "hard" and on_disk["protocol"]["official"] is False
+    assert on_disk["complete"] is True and on_disk["versions"]["mujoco"]
+    assert on_disk["policy"]["object"].endswith("ProbePolicy")
+    assert on_disk["summary"]["episodes"] == 2 and on_disk["summary"]["errors"] == 1
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[0] == "# LIBERO libero_object" and md[2].startswith("**Suite average: 0.0%** (0/2 episodes, 1 with")
+    assert (tmp_path / "success_per_task.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "episodes.jsonl").read_text().splitlines()) == 2
+    videos = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    assert videos == ["task00_ep00_failure.mp4", "task00_ep01_failure.mp4"]
+    frames = imageio.mimread(tmp_path / "videos" / "task00_ep01_failure.mp4")
+    assert len(frames) == 4 and frames[0].shape == (128, 128, 3)  # steps 0, 2, 4 and the final state
+
+
+@pytest.mark.sim
+def test_resume_after_interrupt_runs_only_missing_episodes(tmp_path):
+    cfg = EvalConfig(suite="libero_object", tasks=(1,), episodes_per_task=3, max_steps=3, videos_per_task=0,
+                     failure_videos=False, fast_reset=True, replan_steps=2)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during episode 2
+        L.evaluate_libero(ProbePolicy(raise_in_episode=2, exc=KeyboardInterrupt), cfg, tmp_path, progress=False)
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert partial["complete"] is False and partial["summary"]["episodes"] == 2
+    assert "incomplete: 2/3 episodes" in (tmp_path / "results.md").read_text()
+
+    policy = ProbePolicy()
+    results = L.evaluate_libero(policy, cfg, tmp_path, progress=False, resume=True)
+    assert policy.episode == 0  # one reset: only the missing episode ran
+    assert results["complete"] and [r["episode"] for r in results["tasks"][0]["records"]] == [0, 1, 2]
+    # replanning every 2 steps: chunks predicted at steps 0 and 2, each from an observation with images
+    assert results["tasks"][0]["records"][2]["policy_queries"] == 2
+    assert len(policy.seen) == 8 and all("observation.images.wrist" in o for o in policy.seen)
+    assert results["protocol"]["reset"] == "soft" and "soft resets" in results["protocol"]["deviations"][-1]
+    with pytest.raises(ValueError, match="max_steps: 3 -> 4"):
+        L.evaluate_libero(policy, dataclasses.replace(cfg, max_steps=4), tmp_path, progress=False, resume=True)
+
+
+def test_cli_help_and_errors():
+    def run(*args):
+        return subprocess.run([sys.executable, str(REPO / "eval" / "libero.py"), *args], capture_output=True,
+                              text=True, cwd=REPO, check=False)
+
+    proc = run("--help")
+    assert proc.returncode == 0 and "--suite" in proc.stdout and "--resume" in proc.stdout
+    proc = run("--policy", "random")
+    assert proc.returncode == 2 and "--out is required" in proc.stderr
+    proc = run("--policy", "random", "--suite", "libero_nonsense", "--out", "/tmp/never")
+    assert proc.returncode == 2 and "unknown LIBERO suite" in proc.stderr
+
+
+@pytest.mark.sim
+@pytest.mark.slow
+def test_cli_two_workers(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "libero.py"), "--policy", "random", "--suite", "libero_spatial",
+         "--tasks", "0", "--episodes", "2", "--max-steps", "5", "--workers", "2", "--out", str(tmp_path),
+         "--no-progress"],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Suite average" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert sorted(r["episode"] for r in records) == [0, 1] and len({r["pid"] for r in records}) == 2
+    assert all(r["error"] is None and r["steps"] == 5 for r in records)

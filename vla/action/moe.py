@@ -1,0 +1,438 @@
+"""Feed-forward layers of the action transformer: dense MLPs, routed experts, their routers, fusion and losses.
+
+Three routed kinds share one expert bank and one dispatch:
+
+- `hb` (HiMoE heterogeneity balancing) routes every token: the router sees the token, picks top-k of E experts, and
+  always-on shared experts are added. Balanced per sequence with the Switch loss.
+- `as` (HiMoE action space) routes every sample by its action-space descriptor only: one decision per sample.
+- `nm` (MoDE noise) routes every sample by its noise-level embedding only: one decision per sample, balanced
+  across the batch (a per-sequence balance would be meaningless: every token of a sample takes the same path).
+
+`as` and `nm` are token-independent, so at inference their routing is fixed by (embodiment, denoising step). The
+decision is then frozen into a `FusedMLP` (the selected experts with their router weights) kept in an
+`ExpertCache`: a cached forward is a dense forward of the active width, with no router, no sort and no gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+ROUTED_KINDS = ("as", "hb", "nm")
+
+
+def gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class MLP(nn.Module):
+    """Dense two-layer GELU MLP without biases (a `d` layer, and the shared experts of `hb`)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(width, hidden, bias=False)
+        self.w_out = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(gelu(self.w_in(x)))
+
+
+# ---- routing ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Routing:
+    """One router decision for N rows (tokens for `hb`, samples for `as`/`nm`).
+
+    Attributes:
+        logits: (N, E) float32 router logits (for the z-loss).
+        probs: (N, E) float32 softmax over all experts (for balance and AS-Reg losses).
+        index: (N, k) long, the selected experts.
+        weights: (N, k) mixing weights of the selected experts, in the input dtype.
+    """
+
+    logits: Tensor
+    probs: Tensor
+    index: Tensor
+    weights: Tensor
+
+
+class Router(nn.Module):
+    """Linear router: softmax in float32, top-k, renormalised when k > 1.
+
+    With k = 1 the raw top probability is kept as the mixing weight (Switch style): renormalising would make it
+    exactly 1 and leave the router without a gradient from the task loss.
+    """
+
+    def __init__(self, in_dim: int, num_experts: int, top_k: int, jitter: float = 0.0) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, num_experts, bias=False)
+        self.num_experts, self.top_k, self.jitter = num_experts, top_k, jitter
+
+    def forward(self, inputs: Tensor) -> Routing:
+        """inputs: (N, in_dim) -> Routing over N rows."""
+        if self.training and self.jitter > 0:  # multiplicative noise, never in place: the caller keeps its tensor
+            inputs = inputs * torch.empty_like(inputs).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.proj(inputs).float()
+        probs = logits.softmax(dim=-1)
+        top_p, index = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        return Routing(logits=logits, probs=probs, index=index, weights=top_p.to(inputs.dtype))
+
+
+# ---- experts ---------------------------------------------------------------------------------------------------
+
+
+def _grouped_mm_ok(x: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (`torch._grouped_mm` rejects expanded grads,
+    e.g. the gradient of a plain `.sum()`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
+    """Per-group linear maps of rows already sorted by group.
+
+    Args:
+        x: (M, in) rows, sorted so that group e owns the next counts[e] rows.
+        weight: (E, out, in) one weight matrix per group.
+        counts: (E,) long rows per group (sums to M).
+    Returns:
+        (M, out), row m multiplied by the weight of its group.
+    """
+    if _grouped_mm_ok(x):
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
+    # Fallback for dtypes/devices without a grouped kernel: one matmul per expert (never per token).
+    chunks = x.split(counts.tolist())
+    return torch.cat([chunk @ weight[e].T for e, chunk in enumerate(chunks)])
+
+
+@dataclass
+class FusedMLP:
+    """The experts one routing decision selects, frozen into a dense MLP of the active width:
+    y = sum_i w_i * W_out[e_i] gelu(W_in[e_i] x).
+
+    The weights are views of the expert bank, not a concatenated copy: a copy per distinct expert set would cost
+    up to C(E, k) * k expert copies per layer (4 GiB at the MoDE shape once routing varies over the denoising
+    steps), while k dense matmuls on views stream exactly the same bytes as one matmul on their concatenation.
+
+    Attributes:
+        w_in: k views (F, D); w_out: k views (D, F); weights: (k,) router weights; experts: (k,) expert ids.
+    """
+
+    w_in: tuple[Tensor, ...]
+    w_out: tuple[Tensor, ...]
+    weights: Tensor
+    experts: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = None
+        for w_in, w_out, w in zip(self.w_in, self.w_out, self.weights.to(x.dtype).unbind(), strict=True):
+            part = F.linear(gelu(F.linear(x, w_in)), w_out) * w
+            y = part if y is None else y + part
+        return y
+
+
+class ExpertBank(nn.Module):
+    """E two-layer GELU MLPs stored as 3-D weights; a forward computes only the experts each row is routed to.
+
+    Dispatch without Python loops over rows: the (row, slot) pairs are sorted by expert (stable), the rows gathered
+    in that order, every expert applied to its contiguous slice by one grouped matmul, then the outputs are weighted,
+    put back in (row, slot) order with `index_copy` and summed over the k slots. No `index_add_`, so the result is
+    deterministic.
+    """
+
+    def __init__(self, num_experts: int, width: int, hidden: int) -> None:
+        super().__init__()
+        self.num_experts, self.width, self.hidden = num_experts, width, hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, hidden, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, width, hidden))
+
+    def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        """x: (N, D), index: (N, k) long, weights: (N, k) -> (N, D) = sum_k weights * expert_index(x)."""
+        n, k = index.shape
+        flat = index.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        xs = x.index_select(0, order // k)
+        hidden = gelu(grouped_linear(xs, self.w_in, counts))
+        ys = grouped_linear(hidden, self.w_out, counts) * weights.reshape(-1, 1).index_select(0, order)
+        out = ys.new_zeros(n * k, self.width).index_copy(0, order, ys)
+        return rearrange(out, "(n k) d -> n k d", k=k).sum(dim=1)
+
+    def fuse(self, experts: Tensor, weights: Tensor) -> FusedMLP:
+        """Freeze experts (k,) with router weights (k,) into a `FusedMLP` over views of this bank."""
+        ids = experts.tolist()
+        return FusedMLP(w_in=tuple(self.w_in[e].detach() for e in ids),
+                        w_out=tuple(self.w_out[e].detach() for e in ids), weights=weights.detach(), experts=experts)
+
+
+# ---- routed layers ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RouteContext:
+    """What a routed FFN may route on, built once per transformer forward.
+
+    Attributes:
+        cond: (B, D) noise-level embedding (the `nm` router input).
+        descriptor: (B, A) float action-space descriptor (the `as` router input).
+        cache: the expert cache to serve token-independent layers from, or None for the general (training) path.
+        step_key: hashable noise-level key when every sample shares the noise level (a denoising step), else None.
+        groups: the batch's distinct descriptors, for cached `as` layers.
+    """
+
+    cond: Tensor
+    descriptor: Tensor
+    cache: ExpertCache | None = None
+    step_key: Hashable | None = None
+    groups: DescriptorGroups | None = None
+
+
+@dataclass
+class DescriptorGroups:
+    """The distinct action-space descriptors of a batch.
+
+    Attributes:
+        unique: (U, A) float distinct descriptors.
+        inverse: (B,) long, which distinct descriptor each sample has.
+        keys: U hashable keys ('0'/'1' strings of the descriptor), used by the cache and by routing statistics.
+    """
+
+    unique: Tensor
+    inverse: Tensor
+    keys: list[str]
+
+    @classmethod
+    def of(cls, descriptor: Tensor) -> DescriptorGroups:
+        unique, inverse = torch.unique(descriptor > 0.5, dim=0, return_inverse=True)
+        keys = ["".join("1" if v else "0" for v in row) for row in unique.cpu().tolist()]
+        return cls(unique=unique.to(descriptor.dtype), inverse=inverse, keys=keys)
+
+
+@dataclass
+class RouterRecord:
+    """What one routed layer decided in one forward, for the auxiliary losses and the statistics.
+
+    Attributes:
+        layer: index of the layer in the transformer.
+        kind: "as", "hb" or "nm".
+        routing: the router output (None when the layer was served from the expert cache).
+        counts: (B, E) long expert hits per sample: tokens for `hb`, one decision per sample for `as`/`nm`.
+    """
+
+    layer: int
+    kind: str
+    routing: Routing | None
+    counts: Tensor
+
+
+class TokenRoutedMoE(nn.Module):
+    """`hb`: per-token top-k routing over E experts plus always-on shared experts (HiMoE HB-MoE)."""
+
+    kind = "hb"
+
+    def __init__(self, layer: int, width: int, hidden: int, num_experts: int, top_k: int, num_shared: int,
+                 jitter: float) -> None:
+        super().__init__()
+        self.layer = layer
+        self.router = Router(width, num_experts, top_k, jitter)
+        self.experts = ExpertBank(num_experts, width, hidden)
+        self.shared = MLP(width, num_shared * hidden) if num_shared else None
+
+    def forward(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, RouterRecord]:
+        """x: (B, T, D) -> (B, T, D)."""
+        b = x.shape[0]
+        flat = rearrange(x, "b t d -> (b t) d")
+        routing = self.router(flat)
+        y = self.experts(flat, routing.index, routing.weights)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        hits = rearrange(routing.index, "(b t) k -> b (t k)", b=b)
+        counts = torch.zeros(b, self.experts.num_experts, dtype=torch.long, device=x.device)
+        counts.scatter_add_(1, hits, torch.ones_like(hits))
+        return rearrange(y, "(b t) d -> b t d", b=b), RouterRecord(self.layer, self.kind, routing, counts)
+
+
+class SampleRoutedMoE(nn.Module):
+    """`as` / `nm`: one routing decision per sample from a token-independent input (descriptor or noise embedding).
+
+    The general forward expands the sample's decision to its tokens and runs the shared sorted dispatch, computing
+    only the selected experts. With a `RouteContext.cache` (eval mode) it serves a `FusedMLP` per (layer, step) for
+    `nm` and per (layer, descriptor) for `as`, built on first use.
+    """
+
+    def __init__(self, kind: str, layer: int, width: int, hidden: int, num_experts: int, top_k: int,
+                 route_dim: int, jitter: float) -> None:
+        super().__init__()
+        if kind not in ("as", "nm"):
+            raise ValueError(f"SampleRoutedMoE routes 'as' or 'nm' layers, got kind '{kind}'")
+        self.kind, self.layer = kind, layer
+        self.router = Router(route_dim, num_experts, top_k, jitter)
+        self.experts = ExpertBank(num_experts, width, hidden)
+
+    def route_input(self, ctx: RouteContext) -> Tensor:
+        return ctx.descriptor if self.kind == "as" else ctx.cond
+
+    def forward(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, RouterRecord]:
+        """x: (B, T, D) -> (B, T, D)."""
+        if ctx.cache is not None:
+            served = self._cached(x, ctx)
+            if served is not None:
+                return served
+        b, t, _ = x.shape
+        routing = self.router(self.route_input(ctx))
+        index = repeat(routing.index, "b k -> (b t) k", t=t)
+        weights = repeat(routing.weights, "b k -> (b t) k", t=t)
+        y = self.experts(rearrange(x, "b t d -> (b t) d"), index, weights)
+        return rearrange(y, "(b t) d -> b t d", b=b), RouterRecord(self.layer, self.kind, routing,
+                                                                   self._counts(routing.index))
+
+    def _counts(self, index: Tensor) -> Tensor:
+        counts = torch.zeros(index.shape[0], self.experts.num_experts, dtype=torch.long, device=index.device)
+        return counts.scatter_add_(1, index, torch.ones_like(index))
+
+    def fused(self, route_row: Tensor) -> FusedMLP:
+        """The FusedMLP for one router input row (1, route_dim)."""
+        routing = self.router(route_row)
+        return self.experts.fuse(routing.index[0], routing.weights[0])
+
+    def _cached(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, RouterRecord] | None:
+        cache = ctx.cache
+        if self.kind == "nm":
+            if ctx.step_key is None:  # samples at different noise levels: no single fused MLP
+                return None
+            fused = cache.get((self.layer, ctx.step_key), lambda: self.fused(ctx.cond[:1]))
+            index = fused.experts.expand(x.shape[0], -1)
+            return fused(x), RouterRecord(self.layer, self.kind, None, self._counts(index))
+        groups = ctx.groups
+        if groups is None:
+            return None
+        per_group = [
+            cache.get((self.layer, key), lambda u=u: self.fused(groups.unique[u: u + 1]))
+            for u, key in enumerate(groups.keys)
+        ]
+        if len(per_group) == 1:
+            y = per_group[0](x)
+        else:  # a loop over the batch's distinct embodiments, never over tokens
+            y = torch.empty_like(x)
+            for u, fused in enumerate(per_group):
+                rows = (groups.inverse == u).nonzero().squeeze(1)
+                y = y.index_copy(0, rows, fused(x.index_select(0, rows)))
+        index = torch.stack([f.experts for f in per_group]).index_select(0, groups.inverse)
+        return y, RouterRecord(self.layer, self.kind, None, self._counts(index))
+
+
+# ---- expert cache ----------------------------------------------------------------------------------------------
+
+
+class ExpertCache:
+    """Frozen routing decisions of token-independent layers, valid for exactly one state of the weights.
+
+    Entries are keyed by (layer, routing key): the noise-level value of a denoising step for `nm`, the descriptor
+    string for `as`. They hold views of the expert weights, so the cache costs no weight memory.
+
+    `validate(module)` compares a signature of every parameter (storage pointer and in-place version counter) with
+    the one the entries were built for and drops them on any difference: optimiser steps, `load_state_dict`,
+    `.to()` and any in-place edit all change it. Writes through `param.data` bypass version counters, so the head
+    also clears the cache on `train()`/`eval()` and on `load_state_dict`.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, FusedMLP] = {}
+        self._signature: tuple | None = None
+
+    @staticmethod
+    def signature(module: nn.Module) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
+
+    def validate(self, module: nn.Module) -> None:
+        sig = self.signature(module)
+        if sig != self._signature:
+            self.clear()
+            self._signature = sig
+
+    def get(self, key: Hashable, build: Callable[[], FusedMLP]) -> FusedMLP:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = build()
+        return entry
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._signature = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# ---- auxiliary losses ------------------------------------------------------------------------------------------
+
+
+def load_balance_loss(probs: Tensor, index: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Switch-Transformer load balance E * sum_e f_e * P_e per group, averaged over groups.
+
+    f_e is the fraction of the group's (row, slot) assignments that went to expert e and P_e the mean router
+    probability of e. It is 1 for perfectly uniform routing and E when every row goes to one expert.
+
+    Args:
+        probs: (G, N, E) router probabilities (groups: sequences for `hb`, one group = the batch for `nm`).
+        index: (G, N, k) selected experts.
+        mask: optional (G, N) bool, rows that count (padding excluded).
+    """
+    num_experts, k = probs.shape[-1], index.shape[-1]
+    hits = F.one_hot(index, num_experts).to(probs.dtype).sum(dim=-2)  # (G, N, E)
+    w = torch.ones_like(probs[..., 0]) if mask is None else mask.to(probs.dtype)
+    rows = w.sum(dim=1).clamp_min(1.0)[:, None]  # (G, 1)
+    f = (hits * w[..., None]).sum(dim=1) / (rows * k)
+    p = (probs * w[..., None]).sum(dim=1) / rows
+    return (num_experts * (f * p).sum(dim=-1)).mean()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """mean(logsumexp(logits)^2): keeps router logits small (ST-MoE). logits: (N, E)."""
+    return logits.logsumexp(dim=-1).pow(2).mean()
+
+
+def action_space_contrastive_loss(probs: Tensor, descriptor: Tensor, temperature: float) -> Tensor:
+    """HiMoE AS-Reg: supervised contrastive loss on per-sample routing distributions.
+
+    Samples with the same action-space descriptor are positives, all others negatives; cosine similarity of the
+    routing probability vectors over `temperature`. Only anchors with at least one positive and one negative count
+    (otherwise the loss is a constant without gradient); with none it returns a zero that keeps the graph.
+
+    Args:
+        probs: (B, E) routing probabilities of one `as` layer.
+        descriptor: (B, A) action-space descriptors.
+    """
+    b = probs.shape[0]
+    z = F.normalize(probs, dim=-1)
+    sim = z @ z.T / temperature
+    same = ((descriptor[:, None, :] > 0.5) == (descriptor[None, :, :] > 0.5)).all(dim=-1)
+    eye = torch.eye(b, dtype=torch.bool, device=probs.device)
+    pos, neg = same & ~eye, ~same
+    valid = pos.any(dim=1) & neg.any(dim=1)
+    if not bool(valid.any()):
+        return probs.sum() * 0.0
+    log_prob = sim.masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    per_anchor = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / pos.sum(dim=1).clamp_min(1)
+    return per_anchor[valid].mean()

@@ -1,0 +1,245 @@
+"""The action transformer: [state, noise, action tokens] attending to the backbone's prefix.
+
+Token layout (see horizons.py for the packing of several horizons):
+
+    prefix (P tokens, keys/values only)  |  state  noise  |  a_0 ... a_{H-1}
+
+- The prefix never attends to anything here; every own token attends to the unmasked prefix tokens. The prefix is
+  projected to each layer's keys/values once per observation (`condition`) and reused at every denoising step.
+  With a layerwise prefix, layer i reads prefix layer i * prefix_layers // depth (pi0 style).
+- state and noise tokens attend to each other; action tokens additionally attend to the action tokens of their
+  own horizon.
+- The noise level reaches the net three ways: the noise token, the `nm` routers (which see only its embedding) and,
+  with `noise_conditioned_attention`, the attention input of every layer: x + Attn(norm(x) + W_l phi(sigma)) (MoDE).
+- Each layer's FFN is chosen by `ActionConfig.layers`: `d` dense, `as`/`hb`/`nm` routed (moe.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vla.action.horizons import NUM_CONTEXT_TOKENS, HorizonLayout
+from vla.action.moe import (
+    MLP,
+    DescriptorGroups,
+    ExpertBank,
+    ExpertCache,
+    RouteContext,
+    RouterRecord,
+    SampleRoutedMoE,
+    TokenRoutedMoE,
+)
+from vla.backbones.prefix import Prefix
+from vla.config import ActionConfig
+
+
+def sinusoidal_embedding(level: Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> Tensor:
+    """(B,) scalar noise levels -> (B, dim) sin/cos features with periods from min_period to max_period (pi0)."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, device=level.device, dtype=torch.float32)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = level.float()[:, None] * (2 * math.pi / period)[None, :]
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of the own tokens over [prefix keys/values ; own keys/values]."""
+
+    def __init__(self, width: int, num_heads: int, prefix_width: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.prefix_norm = nn.LayerNorm(prefix_width)
+        self.prefix_kv = nn.Linear(prefix_width, 2 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+
+    def project_prefix(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, P, prefix_width) -> keys, values (B, heads, P, head_dim)."""
+        kv = self.prefix_kv(self.prefix_norm(tokens.to(self.prefix_kv.weight.dtype)))
+        k, v = rearrange(kv, "b p (two h d) -> two b h p d", two=2, h=self.num_heads)
+        return k, v
+
+    def forward(self, x: Tensor, prefix_kv: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        """x: (B, T, D); mask: (B, 1, T, P + T) bool (True = may attend) -> (B, T, D)."""
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
+        v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose FFN kind is one of d, as, hb, nm."""
+
+    def __init__(self, cfg: ActionConfig, kind: str, layer: int, prefix_width: int, action_dim: int) -> None:
+        super().__init__()
+        d = cfg.width
+        self.kind = kind
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = Attention(d, cfg.num_heads, prefix_width, cfg.dropout)
+        self.noise_proj = nn.Linear(d, d, bias=False) if cfg.noise_conditioned_attention else None
+        self.norm2 = nn.LayerNorm(d)
+        expert_hidden = cfg.expert_ffn_dim or cfg.ffn_dim
+        if kind == "d":
+            self.ffn: nn.Module = MLP(d, cfg.ffn_dim)
+        elif kind == "hb":
+            self.ffn = TokenRoutedMoE(layer, d, cfg.hb_expert_ffn_dim or expert_hidden, cfg.hb_num_experts,
+                                      cfg.hb_top_k, cfg.hb_num_shared, cfg.router_jitter)
+        elif kind == "as":
+            self.ffn = SampleRoutedMoE("as", layer, d, expert_hidden, cfg.as_num_experts, cfg.as_top_k,
+                                       route_dim=action_dim, jitter=cfg.router_jitter)
+        elif kind == "nm":
+            self.ffn = SampleRoutedMoE("nm", layer, d, expert_hidden, cfg.nm_num_experts, cfg.nm_top_k,
+                                       route_dim=d, jitter=cfg.router_jitter)
+        else:
+            raise ValueError(f"unknown layer kind '{kind}'; known kinds are d, as, hb, nm")
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, prefix_kv: tuple[Tensor, Tensor], mask: Tensor, ctx: RouteContext
+                ) -> tuple[Tensor, RouterRecord | None]:
+        h = self.norm1(x)
+        if self.noise_proj is not None:
+            h = h + self.noise_proj(ctx.cond)[:, None, :]
+        x = x + self.drop(self.attn(h, prefix_kv, mask))
+        h = self.norm2(x)
+        if self.kind == "d":
+            y, record = self.ffn(h), None
+        else:
+            y, record = self.ffn(h, ctx)
+        return x + self.drop(y), record
+
+
+@dataclass
+class Conditioning:
+    """What one batch of observations contributes, computed once and reused at every denoising step.
+
+    Attributes:
+        prefix_kv: per layer, (keys, values) of the prefix, each (B, heads, P, head_dim).
+        prefix_mask: (B, P) bool, prefix tokens that may be attended to.
+        state_token: (B, 1, D) embedded state + state mask + action-space descriptor.
+        descriptor: (B, A) float action-space descriptor (the action mask).
+    """
+
+    prefix_kv: list[tuple[Tensor, Tensor]]
+    prefix_mask: Tensor
+    state_token: Tensor
+    descriptor: Tensor
+    _groups: DescriptorGroups | None = None
+
+    @property
+    def groups(self) -> DescriptorGroups:
+        """The batch's distinct descriptors (cached `as` layers, statistics), computed on first use."""
+        if self._groups is None:
+            self._groups = DescriptorGroups.of(self.descriptor)
+        return self._groups
+
+
+@dataclass
+class TransformerOutput:
+    """hidden: (B, N, D) final normed action-token states; pred: (B, N, A) per-token outputs (float32);
+    records: routing decisions of every routed layer, in layer order."""
+
+    hidden: Tensor
+    pred: Tensor
+    records: list[RouterRecord] = field(default_factory=list)
+
+
+class ActionTransformer(nn.Module):
+    """Embeddings, the configured stack of blocks and the output projection."""
+
+    def __init__(self, cfg: ActionConfig, *, prefix_width: int, prefix_layers: int | None, action_dim: int,
+                 state_dim: int) -> None:
+        super().__init__()
+        d, kinds = cfg.width, cfg.layer_kinds
+        self.cfg, self.depth, self.kinds = cfg, len(kinds), kinds
+        self.action_dim, self.state_dim, self.prefix_layers = action_dim, state_dim, prefix_layers
+        self.state_in = nn.Linear(2 * state_dim + action_dim, d)
+        self.action_in = nn.Linear(action_dim, d)
+        self.action_pos = nn.Parameter(torch.zeros(cfg.chunk_size, d))
+        self.noise_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.noise_token = nn.Parameter(torch.zeros(d))
+        self.blocks = nn.ModuleList(Block(cfg, kind, i, prefix_width, action_dim) for i, kind in enumerate(kinds))
+        self.norm_out = nn.LayerNorm(d)
+        self.action_out = nn.Linear(d, action_dim)
+        self.prefix_index = [i * prefix_layers // self.depth for i in range(self.depth)] if prefix_layers else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """nanoGPT init: N(0, 0.02) everywhere, N(0, 0.02 / sqrt(2 * depth)) on projections into the residual."""
+        std, resid_std = 0.02, 0.02 / math.sqrt(2 * self.depth)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, ExpertBank):
+                nn.init.normal_(module.w_in, std=std)
+                nn.init.normal_(module.w_out, std=resid_std)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "w_out.weight")):
+                nn.init.normal_(p, std=resid_std)
+        nn.init.normal_(self.action_pos, std=std)
+        nn.init.normal_(self.noise_token, std=std)
+
+    # ---- per observation ----
+    def condition(self, prefix: Prefix, state: Tensor, state_mask: Tensor, action_mask: Tensor) -> Conditioning:
+        """Project the prefix to every layer's keys/values and embed the state token (once per observation)."""
+        if self.prefix_index is not None:
+            if prefix.layers is None or len(prefix.layers) != self.prefix_layers:
+                got = None if prefix.layers is None else len(prefix.layers)
+                raise ValueError(f"the action head was built for {self.prefix_layers} per-layer prefix states "
+                                 f"(layerwise), but the prefix has {got}")
+            sources = [prefix.layers[j] for j in self.prefix_index]
+        else:
+            sources = [prefix.tokens] * self.depth
+        kv = [block.attn.project_prefix(src) for block, src in zip(self.blocks, sources, strict=True)]
+        dtype = self.state_in.weight.dtype
+        state, descriptor, state_mask_f = state.to(dtype), action_mask.to(dtype), state_mask.to(dtype)
+        state_token = self.state_in(torch.cat([state * state_mask_f, state_mask_f, descriptor], dim=-1))
+        return Conditioning(prefix_kv=kv, prefix_mask=prefix.mask.bool(), state_token=state_token[:, None, :],
+                            descriptor=descriptor)
+
+    # ---- per denoising step ----
+    def forward(self, noisy: Tensor, level: Tensor, cond: Conditioning, layout: HorizonLayout, *,
+                cache: ExpertCache | None = None, step_key: Hashable | None = None) -> TransformerOutput:
+        """One pass over every horizon of `layout`.
+
+        Args:
+            noisy: (B, L, A) noisy action chunk (L >= the longest horizon); masked action dims are zeroed here.
+            level: (B,) noise-level conditioning (flow t or EDM c_noise).
+            cond: from `condition`.
+            layout: the packed horizons.
+            cache: serve `as`/`nm` layers from fused experts (eval only); step_key: the shared noise-level key.
+        Returns:
+            TransformerOutput over the N = sum(horizons) packed action tokens.
+        """
+        b, dtype = noisy.shape[0], self.action_in.weight.dtype
+        noisy = noisy.to(dtype)
+        noise_emb = self.noise_mlp(sinusoidal_embedding(level, self.cfg.width).to(dtype))
+        actions = (noisy * cond.descriptor[:, None, :]).index_select(1, layout.position)
+        action_tokens = self.action_in(actions) + self.action_pos.index_select(0, layout.position)
+        noise_tok = (noise_emb + self.noise_token)[:, None, :]
+        x = torch.cat([cond.state_token, noise_tok, action_tokens], dim=1)
+        t = x.shape[1]
+        mask = torch.cat([cond.prefix_mask[:, None, None, :].expand(b, 1, t, -1),
+                          layout.self_mask[None, None].expand(b, 1, t, t)], dim=-1)
+        ctx = RouteContext(cond=noise_emb, descriptor=cond.descriptor, cache=cache, step_key=step_key,
+                           groups=cond.groups if cache is not None else None)
+        records = []
+        for block, kv in zip(self.blocks, cond.prefix_kv, strict=True):
+            x, record = block(x, kv, mask, ctx)
+            if record is not None:
+                records.append(record)
+        hidden = self.norm_out(x[:, NUM_CONTEXT_TOKENS:])
+        pred = self.action_out(hidden).float()
+        return TransformerOutput(hidden=hidden, pred=pred, records=records)

@@ -1,0 +1,685 @@
+"""LIBERO evaluation with the official protocol: parallel, offline, crash-safe, with videos and plots.
+
+The protocol (LIBERO benchmark; the evaluation scripts of openpi and OpenVLA), stated in every results file:
+
+- suites libero_spatial / libero_object / libero_goal / libero_10 / libero_90 with a budget of 220 / 280 / 300 /
+  520 / 400 policy steps per episode (LIBERO-PRO perturbed suites keep the budget of the suite they perturb);
+- episode i of a task starts from the benchmark's fixed initial state i (`get_task_init_states`, 50 per task):
+  `env.reset()` then `env.set_init_state(...)`;
+- the first 10 steps send the no-op action [0, 0, 0, 0, 0, 0, -1] while the objects settle (not counted in the
+  budget, as in the reference scripts);
+- the policy sees the agent-view and wrist images rotated 180 degrees, the end-effector position, its axis-angle
+  orientation and the two gripper joints, and the task language (`vla.sim.libero_env.libero_observation`);
+- an episode succeeds as soon as the environment reports success (`done`).
+
+Rendering dominates the cost of a LIBERO step (DESIGN.md: each 128 px camera ~40-60 ms against ~9 ms of physics),
+so the env steps physics only, and the cameras are rendered when someone reads the pixels: when the policy is
+queried (`policy.needs_observation()` True, or every `replan_steps`; a policy without `needs_observation` is
+queried, and rendered for, at every step) and, for episodes that keep a video, every `video_stride` steps (only the
+agent view, reusing the policy's frame when both fall on the same step). Results are identical to rendering every
+step; only the wall time changes.
+
+`evaluate_libero(policy_source, cfg, out_dir)` is the library entry; `main(argv)` is `eval/libero.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vla.config import ConfigError, EvalConfig
+from vla.sim import results as R
+from vla.sim.policies import (
+    RANDOM_POLICY,
+    PolicyError,
+    PolicySource,
+    as_action,
+    as_chunk,
+    blame_policy,
+    episode_seed,
+    inference_context,
+    load_policy,
+    needs_observation,
+    seed_everything,
+)
+from vla.sim.runner import run_jobs
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+MAX_STEPS = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300, "libero_10": 520, "libero_90": 400}
+"""Official policy-step budget per suite (the longest training demonstration plus a margin)."""
+SETTLE_STEPS = 10
+SETTLE_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+"""Sent for the first SETTLE_STEPS steps: arm still, gripper open, while dropped objects come to rest."""
+INIT_STATES_PER_TASK = 50
+LIBERO_PRO_PERTURBATIONS = ("lan", "object", "swap", "task", "env")
+"""LIBERO-PRO suite suffixes: instruction paraphrase, object appearance, position swap, task, environment."""
+PRO_BASE_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+VIDEO_CAMERA = "agentview"
+
+
+# ---- suites ----------------------------------------------------------------------------------------------------
+
+
+def base_suite(suite: str) -> str:
+    """The official suite a LIBERO-PRO suite perturbs ("libero_goal_swap" -> "libero_goal"); official -> itself."""
+    if suite in MAX_STEPS:
+        return suite
+    for base in PRO_BASE_SUITES:
+        for kind in LIBERO_PRO_PERTURBATIONS:
+            if suite == f"{base}_{kind}":
+                return base
+    raise ValueError(f"unknown LIBERO suite {suite!r}; known: {', '.join(available_suites())}")
+
+
+def suite_max_steps(suite: str) -> int:
+    return MAX_STEPS[base_suite(suite)]
+
+
+def perturbed_suites() -> list[str]:
+    """LIBERO-PRO suites the installed package registers AND ships every task file and init-state file for."""
+    from libero.libero import benchmark, get_libero_path
+
+    registered = benchmark.get_benchmark_dict()
+    bddl_root, init_root = Path(get_libero_path("bddl_files")), Path(get_libero_path("init_states"))
+    out = []
+    for base in PRO_BASE_SUITES:
+        for kind in LIBERO_PRO_PERTURBATIONS:
+            name = f"{base}_{kind}"
+            tasks = benchmark.task_maps.get(name, {}) if name in registered else {}
+            if tasks and all(
+                (bddl_root / name / f"{t}.bddl").is_file() and (init_root / name / f"{t}.pruned_init.npz").is_file()
+                for t in tasks
+            ):
+                out.append(name)
+    return out
+
+
+def task_instruction(suite: str, task_id: int) -> str:
+    """The instruction the policy is given for a task.
+
+    Official suites: the benchmark task's `language` (derived from its file name), as the reference evaluation
+    scripts do. LIBERO-PRO suites: the instruction written in the task's BDDL file, because that is what their
+    language and task perturbations change (a task perturbation also changes the goal: "open the middle drawer"
+    becomes "open the bottom drawer"), while the file name stays the original one.
+    """
+    from vla.sim.libero_env import get_task
+
+    task = get_task(suite, task_id)
+    if suite in MAX_STEPS:
+        return task.language
+    from libero.libero import get_libero_path
+    from libero.libero.envs import bddl_utils
+
+    bddl = Path(get_libero_path("bddl_files")) / task.problem_folder / task.bddl_file
+    return bddl_utils.get_problem_info(str(bddl))["language_instruction"]
+
+
+def available_suites() -> list[str]:
+    try:
+        return [*OFFICIAL_SUITES, *perturbed_suites()]
+    except ImportError:
+        return list(OFFICIAL_SUITES)
+
+
+# ---- one episode -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    """What one rollout produced (the record adds the job's identity and the output paths)."""
+
+    success: bool = False
+    steps: int = 0
+    policy_queries: int = 0
+    time_reset: float = 0.0
+    time_sim: float = 0.0
+    time_render: float = 0.0
+    time_policy: float = 0.0
+    frames: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+def run_episode(
+    env: Any,
+    policy: Any,
+    *,
+    language: str,
+    init_state: np.ndarray,
+    max_steps: int,
+    image_size: int = 128,
+    replan_steps: int = 0,
+    video_stride: int = 0,
+    episode: Episode | None = None,
+) -> Episode:
+    """Roll out one LIBERO episode with the official protocol from a fixed initial state.
+
+    `env` is an env made by `make_libero_env(..., render=False)`. With `video_stride > 0` the agent-view frames
+    (upright, uint8 (S, S, 3)) are collected in `episode.frames`. Pass `episode` to keep the partial timings and
+    frames if the rollout raises.
+    """
+    from vla.sim.libero_env import ACTION_DIM, DEFAULT_SIM_CAMERAS, libero_images, libero_observation, render_cameras
+
+    ep = episode if episode is not None else Episode()
+    clock = time.perf_counter
+    t0 = clock()
+    with blame_policy():
+        policy.reset()
+    env.reset()
+    raw = env.set_init_state(init_state)
+    ep.time_reset += clock() - t0
+
+    t0 = clock()
+    for _ in range(SETTLE_STEPS):
+        raw, _, _, _ = env.step(list(SETTLE_ACTION))
+    ep.time_sim += clock() - t0
+
+    plan: deque[np.ndarray] = deque()
+    for step in range(max_steps):
+        query = not plan if replan_steps else needs_observation(policy)
+        want_frame = video_stride > 0 and step % video_stride == 0
+        t0 = clock()
+        cameras = DEFAULT_SIM_CAMERAS if query else ()
+        pixels = render_cameras(env, cameras) if query else {}
+        if want_frame and not query:
+            pixels = render_cameras(env, [VIDEO_CAMERA])
+        obs = libero_observation({**raw, **pixels}, language, image_size=image_size, cameras=cameras)
+        if want_frame:
+            ep.frames.append(libero_images(pixels, image_size=image_size, cameras=[VIDEO_CAMERA])[VIDEO_CAMERA])
+        t1 = clock()
+        ep.time_render += t1 - t0
+
+        with inference_context(), blame_policy():
+            if replan_steps:
+                if not plan:
+                    chunk = as_chunk(policy.predict_action_chunk(obs), ACTION_DIM)
+                    if len(chunk) < replan_steps:
+                        raise ValueError(f"replan_steps={replan_steps} but the policy predicts only {len(chunk)} actions")
+                    plan.extend(chunk[:replan_steps])
+                    ep.policy_queries += 1
+                action = plan.popleft()
+            else:
+                action = as_action(policy.select_action(obs), ACTION_DIM)
+                ep.policy_queries += int(query)
+        t2 = clock()
+        ep.time_policy += t2 - t1
+
+        raw, _, done, _ = env.step(action.tolist())
+        ep.steps += 1
+        ep.time_sim += clock() - t2
+        if done:
+            ep.success = True
+            break
+
+    if video_stride > 0:  # the final state, so a video shows how the episode ended
+        t0 = clock()
+        ep.frames.append(libero_images(render_cameras(env, [VIDEO_CAMERA]), image_size=image_size,
+                                       cameras=[VIDEO_CAMERA])[VIDEO_CAMERA])
+        ep.time_render += clock() - t0
+    return ep
+
+
+# ---- workers ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LiberoWorker:
+    """Picklable recipe of an evaluation worker: builds the policy once, envs per task on demand."""
+
+    cfg: EvalConfig
+    policy_source: Any
+    out_dir: str
+
+    def __call__(self) -> LiberoEpisodeRunner:
+        return LiberoEpisodeRunner(self.cfg, load_policy(self.policy_source), Path(self.out_dir))
+
+
+def import_triton_before_egl() -> None:
+    """Import triton now if it is installed, before any LIBERO renderer exists in this process.
+
+    Mesa's software EGL renderer (llvmpipe) and triton (imported by torch.compile, diffusers, peft) each bring an
+    LLVM; importing triton after a MuJoCo EGL context was made segfaults the process (measured here with torch
+    2.14 + Mesa), while the opposite order works. Evaluating in a process that later trains or loads a policy
+    must therefore load triton first.
+    """
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+
+class LiberoEpisodeRunner:
+    """Runs jobs {"task_id", "episode", "video"} in one process; keeps the env of the current task."""
+
+    def __init__(self, cfg: EvalConfig, policy: Any, out_dir: Path):
+        import_triton_before_egl()
+        self.cfg, self.policy, self.out_dir = cfg, policy, out_dir
+        self.env = None
+        self.env_task: int | None = None
+        self.max_steps = cfg.max_steps or suite_max_steps(cfg.suite)
+
+    def _env(self, task_id: int):
+        from vla.sim.libero_env import make_libero_env
+
+        if self.env_task != task_id:
+            self.close()
+            self.env, _ = make_libero_env(self.cfg.suite, task_id, image_size=self.cfg.image_size, render=False,
+                                          seed=self.cfg.seed, hard_reset=not self.cfg.fast_reset)
+            self.env_task = task_id
+        return self.env
+
+    def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        from vla.sim.libero_env import CONTROL_FREQ, get_init_states, get_task
+
+        start = time.perf_counter()
+        task_id, index = job["task_id"], job["episode"]
+        record = episode_record(job, self.cfg)
+        record["started_at"] = round(time.time(), 3)
+        ep = Episode()
+        try:
+            task = get_task(self.cfg.suite, task_id)
+            record["task"] = task.name
+            init_states = get_init_states(self.cfg.suite, task_id)
+            t0 = time.perf_counter()
+            env = self._env(task_id)
+            ep.time_reset += time.perf_counter() - t0
+            seed_everything(record["seed"])  # after the (cached or not) env build: the same draws on any worker
+            run_episode(
+                env, self.policy, language=task_instruction(self.cfg.suite, task_id), init_state=init_states[index],
+                max_steps=self.max_steps,
+                image_size=self.cfg.image_size, replan_steps=self.cfg.replan_steps,
+                video_stride=self.cfg.video_stride if job["video"] else 0, episode=ep,
+            )
+        except PolicyError as e:  # the env is fine: keep it
+            logger.warning("%s task %d episode %d: the policy raised %s", self.cfg.suite, task_id, index, e)
+            record.update(error=str(e), error_source="policy")
+        except Exception as e:  # noqa: BLE001 - one broken episode is a failed episode, never a stopped run
+            logger.warning("%s task %d episode %d: the simulator raised %s: %s", self.cfg.suite, task_id, index,
+                           type(e).__name__, e)
+            record.update(error=f"{type(e).__name__}: {e}", error_source="simulator")
+            self.close()  # the env may be in any state: the next episode builds a fresh one
+        record.update(
+            success=ep.success and record["error"] is None, steps=ep.steps, policy_queries=ep.policy_queries,
+            wall_time_s=round(time.perf_counter() - start, 3), finished_at=round(time.time(), 3),
+            time_s={"reset": round(ep.time_reset, 3), "sim": round(ep.time_sim, 3),
+                    "render": round(ep.time_render, 3), "policy": round(ep.time_policy, 3)},
+        )
+        keep = index < self.cfg.videos_per_task or not record["success"]
+        if ep.frames and keep:
+            name = f"task{task_id:02d}_ep{index:02d}_{'success' if record['success'] else 'failure'}.mp4"
+            try:
+                R.write_video(self.out_dir / R.VIDEO_DIR / name, ep.frames,
+                              fps=CONTROL_FREQ / max(1, self.cfg.video_stride))
+                record["video"] = f"{R.VIDEO_DIR}/{name}"
+            except Exception as e:  # noqa: BLE001 - a video is a by-product: never fail the episode for it
+                logger.warning("could not write video %s: %s", name, e)
+        return record
+
+    def close(self) -> None:
+        if self.env is not None:
+            try:
+                self.env.close()
+            except Exception as e:  # noqa: BLE001 - a broken env must not hide the episode's own error
+                logger.debug("closing the LIBERO env failed: %s", e)
+        self.env, self.env_task = None, None
+
+
+def episode_record(job: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
+    task_id, index = job["task_id"], job["episode"]
+    return {
+        "key": job["key"], "suite": cfg.suite, "task_id": task_id, "task": None, "episode": index,
+        "init_state": index, "seed": episode_seed(cfg.seed, task_id, index), "success": False, "steps": 0,
+        "policy_queries": 0, "wall_time_s": 0.0, "time_s": {}, "error": None, "error_source": None, "video": None,
+        "pid": os.getpid(),
+    }
+
+
+def lost_record(cfg: EvalConfig):
+    def make(job: dict[str, Any], message: str) -> dict[str, Any]:
+        record = episode_record(job, cfg)
+        record.update(error=message, error_source="worker", pid=None)
+        return record
+
+    return make
+
+
+# ---- a whole suite ---------------------------------------------------------------------------------------------
+
+
+def protocol_settings(cfg: EvalConfig, task_ids: Sequence[int]) -> dict[str, Any]:
+    """Everything that decides what the numbers mean; a resumed run must match it exactly."""
+    from vla.sim.libero_env import get_init_states, num_tasks
+
+    max_steps = cfg.max_steps or suite_max_steps(cfg.suite)
+    n_init = min(len(get_init_states(cfg.suite, t)) for t in task_ids)
+    deviations = []
+    if max_steps != suite_max_steps(cfg.suite):
+        deviations.append(f"max_steps {max_steps} instead of {suite_max_steps(cfg.suite)}")
+    if cfg.episodes_per_task != n_init:
+        deviations.append(f"{cfg.episodes_per_task} of {n_init} init states per task")
+    if len(task_ids) != num_tasks(cfg.suite):
+        deviations.append(f"{len(task_ids)} of {num_tasks(cfg.suite)} tasks")
+    if cfg.fast_reset:
+        deviations.append("soft resets (states differ from hard resets by ~1e-5)")
+    return {
+        "benchmark": "LIBERO", "suite": cfg.suite, "base_suite": base_suite(cfg.suite), "tasks": list(task_ids),
+        "episodes_per_task": cfg.episodes_per_task, "init_states": "benchmark fixed init states, episode i -> state i",
+        "max_steps": max_steps, "settle_steps": SETTLE_STEPS, "settle_action": list(SETTLE_ACTION),
+        "success": "env reports done (task goal predicates hold)", "seed": cfg.seed, "image_size": cfg.image_size,
+        "reset": "soft" if cfg.fast_reset else "hard",
+        "replan_steps": cfg.replan_steps, "official": not deviations, "deviations": deviations,
+        "instruction": "task language (file name)" if cfg.suite in MAX_STEPS else "the task's BDDL instruction",
+    }
+
+
+def evaluate_libero(
+    policy: PolicySource,
+    cfg: EvalConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a policy on one LIBERO suite (`cfg.suite`) and write every output into `out_dir`.
+
+    Args:
+        policy: a checkpoint directory, a policy object, a picklable zero-argument factory, or "random".
+        cfg: the evaluation settings (official protocol by default).
+        out_dir: run directory (results.json, results.md, success_per_task.png, videos/, episodes.jsonl).
+        resume: keep the finished episodes of an interrupted run in `out_dir` and evaluate only the missing ones.
+        overwrite: discard earlier results in `out_dir`.
+        progress: show a tqdm bar over episodes with the running success rate.
+
+    Returns:
+        The contents of results.json (protocol, policy, versions, summary, per-task and per-episode records).
+    """
+    cfg = dataclasses.replace(cfg).validate()
+    task_ids = _resolve_tasks(cfg)
+    out = Path(out_dir)
+    run_info = {
+        "protocol": protocol_settings(cfg, task_ids),
+        "policy": R.policy_identity(policy),
+        "settings": dataclasses.asdict(cfg),
+        "versions": R.package_versions(),
+        "command": " ".join(sys.argv),
+    }
+    log = R.start_run(out, run_info, resume=resume, overwrite=overwrite)
+    done = {r["key"] for r in log.read()}
+    jobs = [
+        {"key": f"{t}/{e}", "task_id": t, "episode": e, "video": e < cfg.videos_per_task or cfg.failure_videos}
+        for t in task_ids for e in range(cfg.episodes_per_task)
+        if f"{t}/{e}" not in done
+    ]
+    total = len(task_ids) * cfg.episodes_per_task
+    logger.info("LIBERO %s: %d tasks x %d episodes, %d to run (%d already done), %d worker(s) -> %s",
+                cfg.suite, len(task_ids), cfg.episodes_per_task, len(jobs), total - len(jobs), cfg.num_workers, out)
+    records = log.read()
+    bar = _progress(total, len(done), records, disable=not progress, desc=cfg.suite)
+
+    def on_record(record: dict[str, Any]) -> None:
+        log.append(record)
+        records.append(record)
+        bar.update(1)
+        bar.set_postfix_str(f"success {R.rate(sum(r['success'] for r in records), len(records)):.1%}")
+
+    started = time.time()
+    try:
+        run_jobs(jobs, LiberoWorker(cfg, policy, str(out)), num_workers=cfg.num_workers, on_record=on_record,
+                 on_lost=lost_record(cfg))
+    finally:
+        bar.close()
+        log.close()
+        results = write_libero_results(out, run_info, log.read(), wall_time_s=time.time() - started)
+    return results
+
+
+def _resolve_tasks(cfg: EvalConfig) -> list[int]:
+    from vla.sim.libero_env import get_init_states, num_tasks
+
+    base_suite(cfg.suite)  # a clear error for an unknown suite, before anything is built
+    n = num_tasks(cfg.suite)
+    task_ids = sorted(set(cfg.tasks)) if cfg.tasks else list(range(n))
+    bad = [t for t in task_ids if not 0 <= t < n]
+    if bad:
+        raise ValueError(f"task indices {bad} are out of range for {cfg.suite} ({n} tasks: 0..{n - 1})")
+    for t in task_ids:
+        n_init = len(get_init_states(cfg.suite, t))
+        if cfg.episodes_per_task > n_init:
+            raise ValueError(
+                f"episodes_per_task={cfg.episodes_per_task} but {cfg.suite} task {t} has {n_init} fixed init states"
+            )
+    return task_ids
+
+
+def _progress(total: int, initial: int, records: list[dict[str, Any]], *, disable: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="ep", desc=desc, disable=disable, dynamic_ncols=True)
+    if records:
+        bar.set_postfix_str(f"success {R.rate(sum(r['success'] for r in records), len(records)):.1%}")
+    return bar
+
+
+def summarize(records: Sequence[dict[str, Any]], task_ids: Sequence[int], suite: str) -> dict[str, Any]:
+    """Per-task and suite success rates from episode records (the suite average weights every episode)."""
+    from vla.sim.libero_env import get_task
+
+    by_task: dict[int, list[dict[str, Any]]] = {t: [] for t in task_ids}
+    for r in records:
+        by_task.setdefault(r["task_id"], []).append(r)
+    tasks = []
+    for t, recs in sorted(by_task.items()):
+        recs = sorted(recs, key=lambda r: r["episode"])
+        task = get_task(suite, t)
+        successes = sum(r["success"] for r in recs)
+        tasks.append({
+            "task_id": t, "name": task.name, "language": task_instruction(suite, t), "episodes": len(recs),
+            "successes": successes, "success_rate": R.rate(successes, len(recs)),
+            "errors": sum(r["error"] is not None for r in recs), "records": recs,
+        })
+    n = sum(t["episodes"] for t in tasks)
+    successes = sum(t["successes"] for t in tasks)
+    walls = [r["wall_time_s"] for r in records if r.get("wall_time_s")]
+    times = {k: sum(r.get("time_s", {}).get(k, 0.0) for r in records) for k in ("reset", "sim", "render", "policy")}
+    return {
+        "episodes": n, "successes": successes, "success_rate": R.rate(successes, n),
+        "errors": sum(t["errors"] for t in tasks), "mean_episode_wall_time_s": float(np.mean(walls)) if walls else 0.0,
+        "time_share": {k: R.rate(v, sum(times.values())) for k, v in times.items()}, "tasks": tasks,
+    }
+
+
+def write_libero_results(out: Path, run_info: dict[str, Any], records: list[dict[str, Any]],
+                         *, wall_time_s: float) -> dict[str, Any]:
+    """results.json, results.md and success_per_task.png from the run info and every finished record."""
+    protocol = run_info["protocol"]
+    summary = summarize(records, protocol["tasks"], protocol["suite"])
+    expected = len(protocol["tasks"]) * protocol["episodes_per_task"]
+    results = {
+        **run_info, "complete": summary["episodes"] >= expected, "expected_episodes": expected,
+        "last_session_wall_time_s": round(wall_time_s, 1), "summary": {k: v for k, v in summary.items() if k != "tasks"},
+        "tasks": summary["tasks"],
+    }
+    R.write_json(out / R.RESULTS_JSON, results)
+    (out / R.RESULTS_MD).write_text(libero_markdown(results))
+    if summary["tasks"]:
+        R.bar_chart(out / "success_per_task.png", [f"task {t['task_id']}" for t in summary["tasks"]],
+                    [t["success_rate"] for t in summary["tasks"]],
+                    title=f"{protocol['suite']}: {summary['success_rate']:.1%} average "
+                          f"({summary['episodes']} episodes)")
+    return results
+
+
+def libero_markdown(results: dict[str, Any]) -> str:
+    p, s, policy = results["protocol"], results["summary"], results["policy"]
+    who = policy.get("checkpoint") or policy.get("object")
+    sha = f" (sha256 {policy['sha256'][:12]})" if policy.get("sha256") else ""
+    status = "official protocol" if p["official"] else "**not the official protocol** (" + "; ".join(p["deviations"]) + ")"
+    lines = [
+        f"# LIBERO {p['suite']}",
+        "",
+        f"**Suite average: {s['success_rate']:.1%}** ({s['successes']}/{s['episodes']} episodes"
+        + (f", {s['errors']} with errors" if s["errors"] else "") + ")"
+        + ("" if results["complete"] else f" - incomplete: {s['episodes']}/{results['expected_episodes']} episodes"),
+        "",
+        f"- policy: `{who}`{sha}",
+        f"- {status}",
+        (f"- {p['episodes_per_task']} episodes per task from the fixed init states, {p['max_steps']} policy steps "
+         f"after {p['settle_steps']} settle steps, {p['reset']} resets, seed {p['seed']}, {p['image_size']} px cameras"),
+        "- time share: " + ", ".join(f"{k} {v:.0%}" for k, v in s["time_share"].items())
+        + f"; {s['mean_episode_wall_time_s']:.1f} s per episode",
+        "",
+    ]
+    rows = [["**average**", "", f"**{s['success_rate']:.1%}**", s["episodes"], s["errors"]]]
+    rows += [[t["task_id"], t["language"], f"{t['success_rate']:.1%}", t["episodes"], t["errors"]]
+             for t in results["tasks"]]
+    lines.append(R.markdown_table(["task", "instruction", "success", "episodes", "errors"], rows))
+    return "\n".join(lines)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalConfig()
+    parser = argparse.ArgumentParser(
+        prog="eval/libero.py",
+        description="Evaluate a policy on LIBERO with the official protocol (fixed init states, official step "
+                    "budgets, 10 settle steps). Writes results.json, results.md, a success plot and videos.",
+        
+    )
+    parser.add_argument("--policy", required=False, default=None,
+                        help=f"checkpoint directory (VLAPolicy.from_pretrained) or '{RANDOM_POLICY}' (required)")
+    parser.add_argument("--suite", default=None,
+                        help=f"suite(s), comma-separated (default from the checkpoint's config, else {d.suite}); "
+                             "see --list-suites")
+    parser.add_argument("--tasks", default="", help="task indices, e.g. 0,3,5 (default: all tasks)")
+    parser.add_argument("--episodes", type=int, default=None,
+                        help=f"episodes per task (official and default: {d.episodes_per_task})")
+    parser.add_argument("--seed", type=int, default=None, help=f"evaluation seed (default {d.seed})")
+    parser.add_argument("--workers", type=int, default=None, help=f"parallel simulator processes (default {d.num_workers})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="camera resolution (default: the checkpoint's data.image_size, else 128)")
+    parser.add_argument("--replan-steps", type=int, default=None,
+                        help="0 = the policy's own action queue (default); k = execute k actions of each predicted chunk")
+    parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default 0 = the suite's official budget)")
+    parser.add_argument("--videos", type=int, default=None, help=f"videos of the first k episodes per task (default {d.videos_per_task})")
+    parser.add_argument("--no-failure-videos", action="store_true", help="do not save videos of failed episodes")
+    parser.add_argument("--fast-reset", action="store_true",
+                        help="soft env resets (~60x faster; not bit-identical to the official hard resets)")
+    parser.add_argument("--video-stride", type=int, default=None, help=f"control steps per video frame (default {d.video_stride})")
+    parser.add_argument("--out", default=None, help="run directory (default: <checkpoint>/eval/<suite>); with several "
+                                                    "suites, one sub-directory per suite")
+    parser.add_argument("--resume", action="store_true", help="complete an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--list-suites", action="store_true", help="print the available suites and exit")
+    return parser
+
+
+def checkpoint_eval_defaults(policy: str | None) -> tuple[EvalConfig, int | None]:
+    """The eval section and image size recorded in a checkpoint's config.json (defaults when absent)."""
+    if not policy or policy == RANDOM_POLICY:
+        return EvalConfig(), None
+    path = Path(policy) / "config.json"
+    if not path.is_file():
+        return EvalConfig(), None
+    from vla.config import VLAConfig
+
+    try:
+        cfg = VLAConfig.from_json(path)
+    except (ConfigError, ValueError, TypeError) as e:
+        logger.warning("ignoring eval defaults of %s: %s", path, e)
+        return EvalConfig(), None
+    return cfg.eval, cfg.data.image_size
+
+
+def config_from_args(args: argparse.Namespace, base: EvalConfig, image_size: int | None) -> EvalConfig:
+    def pick(value, default):
+        return default if value is None else value
+
+    try:
+        tasks = tuple(int(t) for t in args.tasks.replace(" ", "").split(",") if t) if args.tasks else base.tasks
+    except ValueError:
+        raise ConfigError(f"--tasks expects comma-separated integers, got {args.tasks!r}") from None
+    return dataclasses.replace(
+        base,
+        tasks=tasks,
+        episodes_per_task=pick(args.episodes, base.episodes_per_task),
+        seed=pick(args.seed, base.seed),
+        num_workers=pick(args.workers, base.num_workers),
+        image_size=pick(args.image_size, image_size or base.image_size),
+        replan_steps=pick(args.replan_steps, base.replan_steps),
+        max_steps=pick(args.max_steps, base.max_steps),
+        videos_per_task=pick(args.videos, base.videos_per_task),
+        failure_videos=base.failure_videos and not args.no_failure_videos,
+        fast_reset=base.fast_reset or args.fast_reset,
+        video_stride=pick(args.video_stride, base.video_stride),
+    ).validate()
+
+
+def _unshadow_libero_package() -> None:
+    """`eval/libero.py` is named like the LIBERO package: run as a script, its folder is `sys.path[0]` and
+    `import libero` would find the script. Take that folder off the import path (worker processes inherit it)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    if script is not None and script.name == "libero.py":
+        sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != script.parent]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """`eval/libero.py`: parse options, evaluate each suite, print the summary table. Returns results by suite."""
+    _unshadow_libero_package()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.list_suites:
+        for suite in available_suites():
+            print(f"{suite}\t{suite_max_steps(suite)} steps")
+        return {}
+    if not args.policy:
+        parser.error("--policy is required (a checkpoint directory or 'random')")
+    if args.policy != RANDOM_POLICY and not Path(args.policy).exists():
+        parser.error(f"--policy {args.policy}: no such checkpoint directory")
+    base, image_size = checkpoint_eval_defaults(args.policy)
+    suites = [s for s in (args.suite or base.suite).replace(" ", "").split(",") if s]
+    try:
+        for suite in suites:
+            base_suite(suite)
+        cfg = config_from_args(args, base, image_size)
+    except (ConfigError, ValueError) as e:
+        parser.error(str(e))
+    if args.out is None and args.policy == RANDOM_POLICY:
+        parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
+
+    all_results = {}
+    for suite in suites:
+        if args.out is None:
+            out = Path(args.policy) / "eval" / suite
+        else:
+            out = Path(args.out) / suite if len(suites) > 1 else Path(args.out)
+        try:
+            all_results[suite] = evaluate_libero(
+                args.policy, dataclasses.replace(cfg, suite=suite), out, resume=args.resume,
+                overwrite=args.overwrite, progress=not args.no_progress,
+            )
+        except (FileExistsError, FileNotFoundError, ValueError) as e:
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
+        except KeyboardInterrupt:
+            parser.exit(130, f"\ninterrupted: the finished episodes are in {out}; add --resume to complete the run\n")
+        print((out / R.RESULTS_MD).read_text())
+        print(f"results: {out}")
+    if len(suites) > 1:
+        rows = [[s, f"{r['summary']['success_rate']:.1%}", r["summary"]["episodes"]] for s, r in all_results.items()]
+        mean = float(np.mean([r["summary"]["success_rate"] for r in all_results.values()]))
+        print(R.markdown_table(["suite", "success", "episodes"], [["**average**", f"**{mean:.1%}**", ""], *rows]))
+    return all_results

@@ -1,0 +1,167 @@
+"""The policy interface the simulator evaluations drive, how a policy is obtained, and reference policies.
+
+An evaluated policy is duck-typed:
+
+    policy.reset()                          called at the start of every episode (LIBERO) or subtask (CALVIN)
+    policy.select_action(observation) -> (action_dim,) np.ndarray or torch.Tensor (a leading batch dim of 1 is ok)
+    policy.needs_observation() -> bool      optional: False while the policy still has queued actions; the
+                                            evaluation then skips rendering the cameras and passes an observation
+                                            without images (state, task and embodiment only)
+    policy.predict_action_chunk(obs)        optional, only with `replan_steps > 0`: (H, action_dim) or
+                                            (1, H, action_dim); the evaluation executes the first replan_steps
+
+Observations use the vla batch keys (`vla.constants`): `observation.images.<camera>` uint8 (H, W, 3),
+`observation.state` float32 (state_dim,), `task` (str), `embodiment` (str).
+
+A *policy source* is what an evaluation is given: a checkpoint directory (loaded with
+`vla.policy.VLAPolicy.from_pretrained` in every worker), a policy object (pickled into each worker when there
+are several), a picklable zero-argument factory returning a policy, or the string "random".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+RANDOM_POLICY = "random"
+"""Policy source naming `RandomPolicy`: checks the simulator pipeline end to end (it scores about zero)."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def reset(self) -> None: ...
+
+    def select_action(self, observation: dict[str, Any]) -> Any: ...
+
+
+PolicySource = str | Path | Policy | Callable[[], Policy]
+
+
+class RandomPolicy:
+    """Uniform random actions in [-1, 1]^action_dim with a binary gripper (last dim).
+
+    It draws from numpy's global generator, which the evaluations seed per episode, so its actions do not depend
+    on which worker runs the episode. With `chunk > 1` it behaves like a chunking policy: it asks for an
+    observation only every `chunk` steps.
+    """
+
+    def __init__(self, action_dim: int = 7, *, chunk: int = 1):
+        if action_dim < 1 or chunk < 1:
+            raise ValueError(f"RandomPolicy needs action_dim >= 1 and chunk >= 1, got {action_dim}, {chunk}")
+        self.action_dim = action_dim
+        self.chunk = chunk
+        self._left = 0
+
+    def reset(self) -> None:
+        self._left = 0
+
+    def needs_observation(self) -> bool:
+        return self._left == 0
+
+    def select_action(self, observation: dict[str, Any]) -> np.ndarray:
+        self._left = (self._left - 1) % self.chunk
+        action = np.random.uniform(-1.0, 1.0, self.action_dim).astype(np.float32)
+        action[-1] = 1.0 if action[-1] > 0 else -1.0
+        return action
+
+
+def load_policy(source: PolicySource, *, action_dim: int = 7) -> Policy:
+    """Turn a policy source into a policy object (inside the process that will run it)."""
+    if isinstance(source, str) and source == RANDOM_POLICY:
+        return RandomPolicy(action_dim)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"policy checkpoint {path} does not exist")
+        from vla.policy import VLAPolicy
+
+        return VLAPolicy.from_pretrained(str(path))
+    if hasattr(source, "select_action"):
+        return source  # type: ignore[return-value]
+    if callable(source):
+        policy = source()
+        if not hasattr(policy, "select_action") or not hasattr(policy, "reset"):
+            raise TypeError(f"policy factory {source!r} returned {type(policy).__name__}, which has no reset/select_action")
+        return policy
+    raise TypeError(
+        f"cannot evaluate {type(source).__name__}: give a checkpoint directory, a policy with reset()/select_action(), "
+        f"a factory returning one, or {RANDOM_POLICY!r}"
+    )
+
+
+class PolicyError(RuntimeError):
+    """The policy raised (not the simulator), so the simulator is still usable; the message names the original
+    exception, which is chained as `__cause__`."""
+
+
+@contextlib.contextmanager
+def blame_policy():
+    """Re-raise any exception of the enclosed policy call as PolicyError."""
+    try:
+        yield
+    except Exception as e:
+        raise PolicyError(f"{type(e).__name__}: {e}") from e
+
+
+def needs_observation(policy: Policy) -> bool:
+    """Whether the policy will read this step's observation (always, unless it says otherwise)."""
+    ask = getattr(policy, "needs_observation", None)
+    if not callable(ask):
+        return True
+    with blame_policy():
+        return bool(ask())
+
+
+def inference_context():
+    """`torch.inference_mode()` when torch is loaded (no autograd bookkeeping in rollouts), else a no-op."""
+    torch = sys.modules.get("torch")
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators a policy or simulator may draw from (python, numpy, torch if loaded)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def episode_seed(base_seed: int, *indices: int) -> int:
+    """A 31-bit seed derived from the run seed and an episode's indices: independent of which worker runs it."""
+    return int(np.random.SeedSequence([base_seed, *indices]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def as_action(value: Any, action_dim: int) -> np.ndarray:
+    """A policy output -> float64 (action_dim,) numpy action; a clear ValueError if it has the wrong shape or NaNs."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    action = np.asarray(value, dtype=np.float64)
+    if action.ndim == 2 and action.shape[0] == 1:
+        action = action[0]
+    if action.shape != (action_dim,):
+        raise ValueError(f"policy returned an action of shape {tuple(action.shape)}; this simulator expects ({action_dim},)")
+    if not np.all(np.isfinite(action)):
+        raise ValueError(f"policy returned a non-finite action {action.tolist()}")
+    return action
+
+
+def as_chunk(value: Any, action_dim: int) -> np.ndarray:
+    """A predicted chunk -> float64 (H, action_dim); accepts a leading batch dim of 1."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    chunk = np.asarray(value, dtype=np.float64)
+    if chunk.ndim == 3 and chunk.shape[0] == 1:
+        chunk = chunk[0]
+    if chunk.ndim != 2 or chunk.shape[1] != action_dim:
+        raise ValueError(f"policy returned an action chunk of shape {tuple(chunk.shape)}; expected (H, {action_dim})")
+    if not np.all(np.isfinite(chunk)):
+        raise ValueError("policy returned a non-finite action chunk")
+    return chunk

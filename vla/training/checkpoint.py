@@ -1,0 +1,371 @@
+"""Checkpoints that survive crashes: atomic step directories, a `last` pointer, exact resume.
+
+Layout of a run (`output_dir/run_name/`):
+
+    config.json                 the run's VLAConfig, written at start
+    train.log                   the run's log lines (main process)
+    tensorboard/                Accelerate's TensorBoard tracker
+    step-000500/
+        pretrained_model/       policy.save_pretrained(): config.json (the run's VLAConfig), weights (EMA weights
+                                when EMA is on), normalization, embodiments; what eval and fine-tuning load
+        training_state/         accelerator.save_state(): raw weights, optimizer, scheduler (+ grad scaler)
+            trainer_state.json  step, world size, batch size, gradient accumulation
+            ema.safetensors     EMA shadow weights (when EMA is on)
+            rank_<r>.json       per process: RNG states (python, numpy, torch, cuda) and the data position
+    last -> step-000500         symlink (or, where symlinks fail, a file naming the directory)
+
+A checkpoint is written into `.tmp-step-<N>/` and renamed into place only when every file is on disk, so a
+`step-*` directory is always complete and a crash mid-save leaves the previous one (and `last`) untouched.
+Resuming takes the newest complete step directory, which `last` points at unless the process died between the
+rename and the pointer update.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from vla.config import VLAConfig
+from vla.training.ema import EMA
+
+logger = logging.getLogger(__name__)
+
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+LAST = "last"
+CONFIG_NAME = "config.json"
+PRETRAINED_DIR = "pretrained_model"
+TRAINING_STATE_DIR = "training_state"
+TRAINER_STATE_NAME = "trainer_state.json"
+EMA_NAME = "ema.safetensors"
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_{rank}.json"
+
+
+# ---- layout ------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a `step-N` directory name, or None for anything else."""
+    name = Path(path).name
+    if not name.startswith(STEP_PREFIX):
+        return None
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if digits.isdigit() else None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in run_dir.iterdir() if p.is_dir() and not p.is_symlink()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (None if it has none)."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def read_last(run_dir: str | Path) -> Path | None:
+    """Where `run_dir/last` points (symlink or pointer file), or None if it is missing or dangling."""
+    last = Path(run_dir) / LAST
+    if last.is_symlink() or last.is_dir():
+        target = last.resolve()
+    elif last.is_file():
+        target = (Path(run_dir) / last.read_text().strip()).resolve()
+    else:
+        return None
+    return target if target.is_dir() else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory from a run directory, its `last` entry, or a step directory itself."""
+    p = Path(path)
+    if p.name == LAST and p.is_file() and not p.is_symlink():
+        target = read_last(p.parent)
+        if target is None:
+            raise FileNotFoundError(f"{p} names a checkpoint that does not exist")
+        return target
+    if (p / TRAINING_STATE_DIR).is_dir() or (p / PRETRAINED_DIR).is_dir():
+        return p.resolve()
+    if p.is_dir():
+        newest = latest_checkpoint(p)
+        if newest is not None:
+            return newest
+    raise FileNotFoundError(f"no checkpoint at {p}: expected a run directory, its '{LAST}', or a "
+                            f"'{STEP_PREFIX}N' directory containing {PRETRAINED_DIR}/")
+
+
+def resolve_pretrained(path: str | Path) -> Path:
+    """The directory `VLAPolicy.from_pretrained` reads, from a run dir, `last`, a step dir, or that directory itself.
+
+    Lets users pass `checkpoints/<run>/last` to evaluation and fine-tuning.
+    """
+    p = Path(path)
+    if p.is_dir() and (p / CONFIG_NAME).is_file() and not (p / PRETRAINED_DIR).is_dir():
+        return p
+    return resolve_checkpoint(p) / PRETRAINED_DIR
+
+
+# ---- per-process state -------------------------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states of this process, as JSON-serialisable values."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    out: dict[str, Any] = {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# ---- saving --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerState:
+    """What a resume needs besides the tensors: where training stood and how it was laid out."""
+
+    step: int
+    world_size: int
+    batch_size: int
+    grad_accum: int
+    rank_state: dict[str, Any]
+    """This process's `rank_<r>.json`: {"rng": capture_rng(), "data": BatchStream.state_dict()}."""
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file (and directory entry) under root to disk, so the rename publishes durable data."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def point_last_to(run_dir: Path, ckpt: Path) -> None:
+    """Atomically repoint `run_dir/last` at ckpt: a relative symlink, or a one-line file where symlinks fail."""
+    tmp = run_dir / f"{TMP_PREFIX}{LAST}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    try:
+        os.symlink(ckpt.name, tmp, target_is_directory=True)
+    except OSError:
+        tmp.write_text(ckpt.name + "\n")
+    last = run_dir / LAST
+    if last.is_dir() and not last.is_symlink():
+        raise FileExistsError(f"{last} is a real directory; refusing to replace it with a pointer")
+    os.replace(tmp, last)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (never the one `last` points at)."""
+    ckpts = list_checkpoints(run_dir)
+    protected = read_last(run_dir)
+    removed = []
+    for p in ckpts[: max(len(ckpts) - keep, 0)]:
+        if protected is not None and p.resolve() == protected:
+            continue
+        shutil.rmtree(p)
+        removed.append(p)
+    return removed
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Remove leftovers of interrupted saves (`.tmp-*`); they are never read."""
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if p.name.startswith(TMP_PREFIX)]
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return stale
+
+
+def _save_pretrained(accelerator: Accelerator, policy: nn.Module, ema: EMA | None, out: Path) -> None:
+    """Every rank calls this (FSDP gathers the full state dict collectively); the main process writes."""
+    model = accelerator.unwrap_model(policy)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        state = accelerator.get_state_dict(policy)
+        if accelerator.is_main_process:
+            model.save_pretrained(out, state_dict=state)
+        return
+    if not accelerator.is_main_process:
+        return
+    if ema is None:
+        model.save_pretrained(out)
+    else:
+        with ema.swapped_into(model):
+            model.save_pretrained(out)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    step: int,
+    cfg: VLAConfig,
+    policy: nn.Module,
+    ema: EMA | None,
+    data_state: dict[str, Any],
+) -> Path:
+    """Write `run_dir/step-<step>` atomically, repoint `last`, prune to `cfg.train.keep_last`. Call on every rank.
+
+    Args:
+        policy: the prepared (possibly wrapped) policy; the optimizer/scheduler are the ones `accelerator.prepare`d.
+        data_state: this rank's data position (`BatchStream.state_dict()`).
+    """
+    rank_state = {"rng": capture_rng(), "data": data_state}  # first, before anything could draw a random number
+    final = run_dir / checkpoint_name(step)
+    tmp = run_dir / f"{TMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / TRAINING_STATE_DIR).mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    accelerator.save_state(str(tmp / TRAINING_STATE_DIR), safe_serialization=True)
+    _write_json(tmp / TRAINING_STATE_DIR / rank_state_name(accelerator.process_index), rank_state)
+    _save_pretrained(accelerator, policy, ema, tmp / PRETRAINED_DIR)
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(tmp / TRAINING_STATE_DIR / EMA_NAME)
+        _write_json(tmp / TRAINING_STATE_DIR / TRAINER_STATE_NAME, {
+            "step": step,
+            "world_size": accelerator.num_processes,
+            "batch_size": cfg.data.batch_size,
+            "grad_accum": cfg.train.grad_accum,
+            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        })
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved by an earlier, abandoned attempt: replace it
+            trash = run_dir / f"{TMP_PREFIX}old-{final.name}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, final)
+        point_last_to(run_dir, final)
+        for p in prune_checkpoints(run_dir, cfg.train.keep_last):
+            logger.info("removed old checkpoint %s", p)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+
+RESUME_SETTINGS = ("train.resume", "train.stop_at")
+"""Settings expected to change from one invocation of a run to the next (not worth a warning)."""
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "", ignore: tuple[str, ...] = ()) -> list[str]:
+    """Leaf settings that differ between two config dicts, as "section.field: old -> new" lines."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if f"{prefix}{key}" in ignore:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.", ignore)
+        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+
+def load_checkpoint(accelerator: Accelerator, ckpt: Path, cfg: VLAConfig, ema: EMA | None) -> TrainerState:
+    """Restore raw weights, optimizer, scheduler and EMA from `ckpt` into the prepared objects (every rank).
+
+    The RNG and data position are returned in `TrainerState.rank_state` for the caller to apply right before the
+    first step. Raises ValueError if the process layout differs from the one that wrote the checkpoint (the data
+    position and per-rank RNG streams would not line up, so the continuation would not be the same run).
+    """
+    state_dir = ckpt / TRAINING_STATE_DIR
+    meta_path = state_dir / TRAINER_STATE_NAME
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a resumable checkpoint: {meta_path} is missing")
+    meta = json.loads(meta_path.read_text())
+    now = {"world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
+           "grad_accum": cfg.train.grad_accum}
+    differs = [f"{k}: checkpoint {meta[k]}, now {v}" for k, v in now.items() if meta.get(k) != v]
+    if differs:
+        raise ValueError(f"cannot resume {ckpt} exactly, the run layout changed ({'; '.join(differs)}); "
+                         f"use the original layout, or start a new run with --train.init_from {ckpt}")
+    if ema is not None and not (state_dir / EMA_NAME).is_file():
+        raise FileNotFoundError(f"train.ema_decay > 0 but {ckpt} has no {EMA_NAME} (it was trained without EMA)")
+
+    saved_cfg = ckpt.parent / CONFIG_NAME  # the run's config as of its previous invocation
+    if saved_cfg.is_file():
+        for change in config_changes(json.loads(saved_cfg.read_text()), cfg.to_dict(), ignore=RESUME_SETTINGS):
+            logger.warning("resuming %s with a changed setting: %s", ckpt.name, change)
+    accelerator.load_state(str(state_dir))
+    if ema is not None:
+        ema.load(state_dir / EMA_NAME)
+    rank_path = state_dir / rank_state_name(accelerator.process_index)
+    rank_state = json.loads(rank_path.read_text())
+    logger.info("resumed from %s at step %d", ckpt, meta["step"])
+    return TrainerState(step=int(meta["step"]), world_size=meta["world_size"], batch_size=meta["batch_size"],
+                        grad_accum=meta["grad_accum"], rank_state=rank_state)
