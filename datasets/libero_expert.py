@@ -2,12 +2,14 @@
 """Scripted-expert LIBERO demonstrations, written as a LeRobot v3 dataset.
 
 The expert reads privileged simulator state (object and target poses, collision geometry) and drives the Panda
-with the standard OSC_POSE controller through one smooth pick-and-place: over the object at a safe height,
-rotate the gripper across the object's narrow side, descend, close, lift clear of every obstacle, carry over the
-target, lower, open. Each episode draws a small style (grasp offset, depth, speed, release point) and adds small
-per-step noise, so demonstrations vary without changing the grasp. Initial states come from fresh seeded resets
-(the benchmark's fixed init states are the evaluation's test set and are never used here). Only successful
-episodes are kept.
+with the standard OSC_POSE controller through one pick-and-place ("in"/"on" goal): over the object at a safe
+height, the gripper turned across the object's narrow side at a yaw whose open hand clears tall neighbours (a
+bowl too wide to span is gripped at its rim), descend, close, lift clear of every obstacle, carry the object's
+centre over the target, lower until the hand is just above the receptacle's rim, open. Each episode draws a
+small style (grasp offset and depth, speed, clearance, release point) and adds small per-step noise, so
+demonstrations vary without changing the grasp. Initial states come from fresh seeded resets (the benchmark's
+fixed init states are the evaluation's test set and are never used here); a reset in which the object to pick
+fell over is rejected before the rollout. Only successful episodes are kept.
 
 Recorded per step, at the control rate (20 fps): the two cameras of the official evaluation (`agentview`,
 `wrist` = robot0_eye_in_hand) as upright 128 px images, the 8-dim state of `vla.sim.libero_env.libero_state`,
@@ -44,8 +46,6 @@ from vla.data.recording import (
     summary_lines,
 )
 from vla.sim import libero_env as L
-
-logger = logging.getLogger("libero_expert")
 
 STATE_NAMES = ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "gripper_left", "gripper_right"]
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
@@ -143,7 +143,7 @@ HAND_HALF, HAND_ABOVE_GRIP = np.array([0.105, 0.033]), 0.026
 FINGERS_HALF, FINGERS_BELOW_GRIP = np.array([0.07, 0.011]), 0.012
 MAX_CARRY_ABOVE_HOME = 0.15
 """Carrying height limit above the end effector's start height (stay inside the arm's comfortable workspace)."""
-RIM_GRIP_DEPTH = 0.015
+RIM_GRIP_DEPTH = 0.025
 """A rim grasp puts the grip point this far below the object's top (the finger pads cover the wall's edge)."""
 
 
@@ -204,7 +204,8 @@ def choose_rim_grasp(
     """(yaw, xy offset from the centre) of a grasp across the wall of a wide round object (a bowl's rim).
 
     Every 15 degrees around the rim, the fingers close radially across the wall; among points whose open hand
-    clears the neighbours by `min_clearance`, the one nearest the robot (the -x side) wins, else the clearest.
+    clears the neighbours by `min_clearance`, the one needing the smallest turn of the gripper wins (the arm
+    tracks large yaws poorly), else the clearest.
     """
     best, best_key = None, None
     for phi in np.deg2rad(np.arange(0, 360, 15)):
@@ -212,7 +213,7 @@ def choose_rim_grasp(
         yaw = float((np.arctan2(radial[1], radial[0]) + np.pi) % np.pi - np.pi / 2)  # fingers close along radial
         offset = rim_radius * radial
         gap = grasp_clearance(center + offset, grasp_z, yaw, others)
-        key = (gap >= min_clearance, -abs(np.pi - phi) if gap >= min_clearance else gap)
+        key = (gap >= min_clearance, -abs(yaw) if gap >= min_clearance else gap)
         if best_key is None or key > best_key:
             best, best_key = (yaw, offset), key
     return best
@@ -578,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vla").setLevel(logging.INFO)
     if args.episodes < 1 or args.image_size < 16 or args.max_steps < 1:
         raise SystemExit("error: --episodes and --max-steps must be >= 1 and --image-size >= 16")
     n = L.num_tasks(args.suite)  # raises for an unknown suite

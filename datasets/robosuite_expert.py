@@ -36,8 +36,6 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 from vla.data.recording import Episode, demo_features, record_demonstrations, summary_lines
 from vla.sim.libero_env import disable_msaa, quat_to_axis_angle
 
-logger = logging.getLogger("robosuite_expert")
-
 EMBODIMENT = "robosuite_ur5e_osc"
 ROBOT = "UR5e"
 CONTROLLER = "OSC_POSITION"
@@ -269,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vla").setLevel(logging.INFO)
     if args.episodes < 1 or args.image_size < 16 or args.max_steps < 1:
         raise SystemExit("error: --episodes and --max-steps must be >= 1 and --image-size >= 16")
     names = [TASK_NAMES[t] for t in args.tasks]

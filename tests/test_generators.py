@@ -272,6 +272,28 @@ def _run_script(name: str, *args: str, timeout: int) -> subprocess.CompletedProc
 
 
 @pytest.mark.sim
+def test_libero_env_renders_on_demand_exactly_like_its_camera_observables():
+    env, task = L.make_libero_env("libero_object", 0, image_size=32, render=False)
+    try:
+        assert task.language == "pick up the alphabet soup and place it in the basket"
+        raw = env.reset()  # a hard reset rebuilds model and renderer: MSAA must stay off
+        assert env.env.sim.model.vis.quality.offsamples == 0
+        assert "agentview_image" not in raw  # physics-only steps
+        raw, _, _, _ = env.step([0.0] * 6 + [L.GRIPPER_OPEN])
+        on_demand = L.render_cameras(env)
+        L.set_camera_rendering(env, True)
+        observed = env.env._get_observations(force_update=True)
+        for camera in L.DEFAULT_SIM_CAMERAS:
+            np.testing.assert_array_equal(on_demand[f"{camera}_image"], observed[f"{camera}_image"])
+        obs = L.libero_observation({**raw, **on_demand}, task.language, image_size=32)
+        assert obs["observation.images.base"].shape == (32, 32, 3) and obs["observation.images.base"].std() > 5
+        with pytest.raises(KeyError, match="not one of the env's cameras"):
+            L.render_cameras(env, ["frontview"])
+    finally:
+        env.close()
+
+
+@pytest.mark.sim
 def test_libero_generator_writes_a_loadable_dataset(tmp_path):
     out = tmp_path / "libero_object_task0"
     args = ("--suite", "libero_object", "--tasks", "0", "--episodes", "2", "--workers", "2", "--image-size", "64",

@@ -508,11 +508,13 @@ def _tiny_cpu() -> VLAConfig:
     """Trains on 2 CPU cores: small ResNet per camera, frozen MiniLM instruction embedding, MoE flow head.
 
     The `as` layers route by embodiment and the `nm` layers by noise level, so at inference every MoE layer is
-    served from the expert cache as a dense MLP.
+    served from the expert cache as a dense MLP. ResNet-10-T rather than ResNet-18: in bench_backbones it costs
+    ~0.55x the CPU per training step and ~0.6x per inference pass, and learned the localisation probe far better
+    from scratch (held-out error 0.03-0.04 of variance after 200 steps vs 0.3-1.0 for ResNet-18).
     """
     return VLAConfig(
         preset="tiny-cpu",
-        backbone=BackboneConfig(vision_model="resnet18", text_model="minilm", width=256, tokens_per_image=16),
+        backbone=BackboneConfig(vision_model="resnet10t", text_model="minilm", width=256, tokens_per_image=16),
         action=ActionConfig(
             chunk_size=10, n_action_steps=5, width=256, num_heads=4, ffn_dim=1024, expert_ffn_dim=512,
             layers="as,nm,nm,nm,nm,as", nm_num_experts=4, nm_top_k=2, as_num_experts=3, as_top_k=1,

@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="demo", help="run name under checkpoints/ (default: demo)")
     p.add_argument("--preset", default="tiny-cpu", help="training preset (default: tiny-cpu)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 2 demos, 30 training steps, 2 short evaluation episodes")
-    p.add_argument("--root", type=Path, default=REPO, help=argparse.SUPPRESS)
+                   help="smoke run: 2 demos, 12 training steps at batch 4, 2 short evaluation episodes")
+    p.add_argument("--workdir", type=Path, default=REPO,
+                   help="where datasets/local/ and checkpoints/ go (default: the repository)")
     p.add_argument("overrides", nargs="*", help="extra training overrides, e.g. --train.lr=1e-4 (after --)")
     return p
 
@@ -66,16 +67,16 @@ def _resolved(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    root: Path = args.root
+    root, work = REPO, args.workdir.resolve()
     py = sys.executable
     tag = args.tasks.replace(",", "_")
     episodes, eval_episodes, steps = args.episodes, args.eval_episodes, args.steps
     extra_eval: list[str] = []
     if args.quick:
-        episodes, eval_episodes, steps = 2, 2, 30
+        episodes, eval_episodes, steps = 2, 2, 12
         extra_eval = ["--max-steps", "30", "--videos", "1"]
-    dataset = root / "datasets" / "local" / f"{args.suite}_{tag}_{episodes}ep"
-    run_dir = root / "checkpoints" / args.run
+    dataset = work / "datasets" / "local" / f"{args.suite}_{tag}_{episodes}ep"
+    run_dir = work / "checkpoints" / args.run
     mixture = run_dir / "mixture.yaml"
     timings: dict[str, float] = {}
 
@@ -93,12 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         "  cameras: {agentview: base, wrist: wrist}\n"
     )
     train_cmd = [py, "train.py", "--preset", args.preset, "--data.mixture", str(mixture),
-                 "--train.run_name", args.run, "--train.output_dir", str(root / "checkpoints"),
+                 "--train.run_name", args.run, "--train.output_dir", str(work / "checkpoints"),
                  "--train.resume", "true"]
     if steps is not None:
         train_cmd += ["--train.steps", str(steps), "--train.save_every", str(max(1, steps // 4))]
     if args.quick:
-        train_cmd += ["--train.warmup_steps", "5", "--data.num_workers", "0"]
+        train_cmd += ["--train.warmup_steps", "5", "--data.num_workers", "0", "--data.batch_size", "4",
+                      "--train.log_every", "2"]
     before = _resolved(run_dir / "last")
     timings["training"] = run_stage("2/3 training", train_cmd + list(args.overrides), cwd=root)
     # a new checkpoint invalidates earlier evaluation results; an unchanged one lets an interrupted eval resume
@@ -113,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         cwd=root,
     )
 
-    table = eval_dir / "results.md"
-    print("\n" + (table.read_text() if table.exists() else f"(no table at {table})"))
-    print(f"results: {eval_dir / 'results.json'}\nplot:    {eval_dir}\nvideos:  {eval_dir / 'videos'}")
+    print(f"\nresults: {eval_dir / 'results.md'} (table), {eval_dir / 'results.json'}\n"
+          f"plot:    {eval_dir / 'success_per_task.png'}\nvideos:  {eval_dir / 'videos'}")
     print("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()))
     (run_dir / "demo_timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     return 0

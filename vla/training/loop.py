@@ -230,6 +230,8 @@ def fit(
             if saving or step % tcfg.log_every == 0:
                 values = _log_interval(meter, model, lrs, accelerator, clock, step, samples_per_step, run_dir)
                 bar.set_postfix(loss=f"{values['loss/loss']:.4g}", lr=f"{next(iter(lrs.values())):.2e}")
+                if accelerator.is_main_process:  # the run's text log keeps the loss curve next to TensorBoard
+                    logger.info("step %d loss=%.5g lr=%.3g", step, values["loss/loss"], next(iter(lrs.values())))
                 if ema is not None:
                     values["train/ema_decay"] = ema.current_decay()
                 accelerator.log(values, step=step)
