@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+from bench_policy import tiny_cpu_policy
 
 from vla.config import EvalConfig
 from vla.sim.libero import SETTLE_STEPS, evaluate_libero
@@ -44,18 +44,6 @@ def _rollout_span(results: dict) -> float:
     themselves (env builds and resets included), without starting processes and importing libraries."""
     records = _records(results)
     return max(r["finished_at"] for r in records) - min(r["started_at"] for r in records)
-
-
-def tiny_cpu_policy():
-    """An untrained tiny-cpu VLAPolicy with normalization statistics for the LIBERO Panda."""
-    from vla.config import get_preset
-    from vla.data.normalize import Normalizer
-    from vla.policy import VLAPolicy
-
-    rng = np.random.default_rng(0)
-    normalizer = Normalizer.from_arrays({"libero_panda": {"state": [rng.normal(size=(256, 8))],
-                                                          "action": [rng.uniform(-1, 1, size=(256, 7))]}})
-    return VLAPolicy(get_preset("tiny-cpu"), normalizer=normalizer).eval()
 
 
 def run(quick: bool) -> list[dict]:

@@ -19,7 +19,6 @@ Embodiment name in the registry: `robosuite_ur5e_osc`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -33,7 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from vla.data.recording import Episode, demo_features, record_demonstrations, summary_lines
+from vla.data.recording import (
+    Episode,
+    demo_features,
+    parse_recording_args,
+    record_demonstrations,
+    recording_parser,
+    summary_lines,
+)
 from vla.sim.libero_env import disable_msaa, quat_to_axis_angle
 
 EMBODIMENT = "robosuite_ur5e_osc"
@@ -248,29 +254,15 @@ def parse_tasks(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = recording_parser(__doc__, max_steps=200)
     p.add_argument("--tasks", type=parse_tasks, default=[0], help=f"comma-separated from {TASK_NAMES} (default: lift)")
-    p.add_argument("--episodes", type=int, default=50, help="successful episodes per task (default: 50)")
     p.add_argument("--out", type=Path, default=None,
                    help="dataset root (default: datasets/local/robosuite_ur5e_<tasks>)")
-    p.add_argument("--image-size", type=int, default=128, help="square camera resolution (default: 128)")
-    p.add_argument("--max-steps", type=int, default=200, help="step limit of one episode (default: 200)")
-    p.add_argument("--seed", type=int, default=0, help="base seed of initial states and expert noise (default: 0)")
-    p.add_argument("--workers", type=int, default=2, help="parallel simulator processes, 0 = inline (default: 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("vla").setLevel(logging.INFO)
-    if args.episodes < 1 or args.image_size < 16 or args.max_steps < 1:
-        raise SystemExit("error: --episodes and --max-steps must be >= 1 and --image-size >= 16")
+    args = parse_recording_args(build_parser(), argv)
     names = [TASK_NAMES[t] for t in args.tasks]
     out = args.out or ROOT / "datasets" / "local" / f"robosuite_ur5e_{'_'.join(names)}"
     request = {

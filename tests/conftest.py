@@ -8,8 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -71,4 +71,4 @@ def write_lerobot_dataset(tmp_path_factory):
 
 
 # tiny random VLMs (PaliGemma, Idefics3, Qwen2.5-VL) saved to disk once per session, for every test module
-from fixtures.tiny_vlms import tiny_vlm_dirs_fixture  # noqa: E402, F401
+from fixtures.tiny_vlms import tiny_vlm_dirs_fixture  # noqa: F401

@@ -416,7 +416,7 @@ def test_resume_gives_the_same_batches_with_any_worker_count(opened, data_root: 
 BAD_CASES = {
     "unknown embodiment": ({"dataset": "libero", "embodiment": "franka_typo"},
                            "unknown embodiment 'franka_typo'; known embodiments: libero_panda, calvin_panda"),
-    "action size": ({"dataset": "libero", "embodiment": "robosuite_ur5e_osc"},
+    "action size": ({"dataset": "libero", "embodiment": "robosuite_ur5e_osc", "cameras": {"agentview": "base"}},
                     "'action' has 7 dims but embodiment 'robosuite_ur5e_osc' has action_dim=4"),
     "state size": ({"dataset": "libero", "embodiment": "calvin_panda", "cameras": {"agentview": "base"}},
                    "'observation.state' has 8 dims but embodiment 'calvin_panda' has state_dim=15"),

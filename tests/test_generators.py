@@ -7,11 +7,13 @@ the result with `LeRobotDataset(repo_id, root=...)` offline, exactly as training
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,49 @@ def test_record_keeps_only_successes_and_loads_offline(tmp_path, workers):
     assert on_disk["request"] == {"generator": "fake", "episodes": 3} and on_disk["disk_bytes"] > 0
 
 
+class SlowRunner(FakeRunner):
+    """Episodes that take a minute: the recorder is killed while its worker is busy or waiting."""
+
+    def __call__(self, task_id: int, seed: int) -> Episode:
+        import time
+
+        time.sleep(60)
+        return super().__call__(task_id, seed)
+
+
+def test_workers_exit_when_the_recorder_is_killed(tmp_path):
+    """A recorder killed with SIGKILL (a pipeline timeout, the OOM killer) must not leave simulator workers behind."""
+    import psutil
+
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path\n"
+        "from test_generators import SlowRunner, FAKE_FEATURES\n"
+        "from vla.data.recording import record_demonstrations\n"
+        "record_demonstrations(Path(sys.argv[2]), runner_factory=SlowRunner, runner_kwargs={'steps': 2}, task_ids=[0],"
+        " episodes_per_task=3, features=FAKE_FEATURES, fps=10, robot_type='fake', request={}, workers=2,"
+        " progress=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path / "out")])
+    workers: list[psutil.Process] = []
+    try:
+        recorder = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while len(workers := [c for c in recorder.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]) < 2:
+            assert time.monotonic() < deadline, "the recorder never started its workers"
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers still running 30 s after the recorder died: {[p.pid for p in alive]}"
+    finally:
+        proc.kill()
+        for worker in workers:  # orphans are no longer our children: kill them by pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    assert not (tmp_path / "out").exists()
+
+
 def test_record_reuses_same_request_and_refuses_a_different_one(tmp_path):
     out = tmp_path / "fake_ds"
     first = _record(out, 0)
@@ -121,7 +166,7 @@ class NeverRunner(FakeRunner):
 
 def test_record_gives_up_on_a_task_that_never_succeeds_and_writes_nothing(tmp_path):
     out = tmp_path / "never"
-    with pytest.raises(RuntimeError, match="no successful episode"):
+    with pytest.raises(RuntimeError, match="no successful episode in 3 attempts"):
         record_demonstrations(
             out, runner_factory=NeverRunner, runner_kwargs={}, task_ids=[0], episodes_per_task=2,
             features=FAKE_FEATURES, fps=10, robot_type="fake", request={}, workers=0, max_attempts_per_task=3,
@@ -289,6 +334,15 @@ def test_libero_env_renders_on_demand_exactly_like_its_camera_observables():
         assert obs["observation.images.base"].shape == (32, 32, 3) and obs["observation.images.base"].std() > 5
         with pytest.raises(KeyError, match="not one of the env's cameras"):
             L.render_cameras(env, ["frontview"])
+        # a second env in the same process makes its own GL context current; rendering the first must not change
+        other, _ = L.make_libero_env("libero_object", 1, image_size=32, render=False, hard_reset=False)
+        try:
+            other.reset()
+            again = L.render_cameras(env)
+            for camera in L.DEFAULT_SIM_CAMERAS:
+                np.testing.assert_array_equal(again[f"{camera}_image"], on_demand[f"{camera}_image"])
+        finally:
+            other.close()
     finally:
         env.close()
 

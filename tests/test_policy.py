@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 from vla.config import PRESETS, get_preset
 from vla.constants import ACTION, ACTION_IS_PAD, EMBODIMENT, OBS_STATE, TASK, image_key
-from vla.data.embodiments import default_registry
 from vla.data.normalize import Normalizer
 from vla.data.transforms import Processor, collate_frames
 from vla.policy import CheckpointError, VLAPolicy

@@ -36,7 +36,8 @@ def data(tmp_path_factory, write_lerobot_dataset) -> dict[str, Path]:
         "A": write_lerobot_dataset(root / "panda", robot_type="libero_panda", action_dim=7, state_dim=8,
                                    episodes=(12, 12), tasks=("put the bowl on the plate",)),
         "B": write_lerobot_dataset(root / "ur5e", robot_type="robosuite_ur5e_osc", action_dim=4, state_dim=8,
-                                   episodes=(10, 10), tasks=("lift the cube",), seed=1),
+                                   episodes=(10, 10), tasks=("lift the cube",), seed=1,
+                                   cameras=("frontview", "robot0_eye_in_hand")),
     }
 
 
@@ -156,8 +157,8 @@ def test_finetune_from_embodiment_a_to_b_with_another_action_size(data, tmp_path
     policy = VLAPolicy.from_pretrained(tuned / "last")
     assert set(policy.normalizer.embodiments) == {"robosuite_ur5e_osc"}
     obs = {
-        "observation.images.agentview": torch.rand(3, 32, 32),
-        "observation.images.wrist": torch.rand(3, 32, 32),
+        "observation.images.frontview": torch.rand(3, 32, 32),
+        "observation.images.robot0_eye_in_hand": torch.rand(3, 32, 32),
         "observation.state": torch.randn(8),
         "task": "lift the cube",
         "embodiment": "robosuite_ur5e_osc",

@@ -333,4 +333,4 @@ def _is_unbatched(observation: Mapping[str, Any]) -> bool:
     return np.ndim(state) == 1 if not isinstance(state, torch.Tensor) else state.dim() == 1
 
 
-__all__ = ["VLAPolicy", "CheckpointError", "resolve_checkpoint", "check_state_dict", "EMBODIMENT"]
+__all__ = ["EMBODIMENT", "CheckpointError", "VLAPolicy", "check_state_dict", "resolve_checkpoint"]

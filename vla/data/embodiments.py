@@ -410,7 +410,7 @@ def default_registry() -> EmbodimentRegistry:
         Embodiment(
             name="robosuite_ur5e_osc", action_dim=4, state_dim=8, action_type="delta_eef_pos", fps=20,
             action_slots=(0, 1, 2, 6), state_slots=tuple(range(8)),
-            gripper="-1 open, +1 close", cameras={"agentview": "base", "wrist": "wrist"},
+            gripper="-1 open, +1 close", cameras={"frontview": "base", "robot0_eye_in_hand": "wrist"},
             action_names=("dx", "dy", "dz", "gripper"), state_names=_EEF_STATE,
             description="UR5e in robosuite 1.4 with OSC_POSITION control: delta eef position + gripper (fixed "
                         "orientation); state eef pos, axis-angle, 2 gripper joint qpos",

@@ -12,11 +12,14 @@ matches the request is reused, so pipelines can call a generator unconditionally
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +36,38 @@ MAX_ERRORS_BEFORE_SUCCESS = 3
 
 GENERATION_FILE = "meta/generation.json"
 """Written last into a finished dataset: the generator's request, per-task expert statistics and the disk size."""
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+
+def recording_parser(doc: str, *, max_steps: int) -> argparse.ArgumentParser:
+    """An argument parser with the options every generator shares (episodes, image size, step limit, seed,
+    workers, overwrite, progress); the generator adds its own task and output options. `doc` is the generator's
+    module docstring: its first paragraph is the description, the rest the epilog."""
+    description, _, epilog = doc.partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--episodes", type=int, default=50, help="successful episodes per task (default: 50)")
+    p.add_argument("--image-size", type=int, default=128, help="square camera resolution (default: 128)")
+    p.add_argument("--max-steps", type=int, default=max_steps,
+                   help=f"step limit of one episode (default: {max_steps})")
+    p.add_argument("--seed", type=int, default=0, help="base seed of initial states and expert noise (default: 0)")
+    p.add_argument("--workers", type=int, default=2, help="parallel simulator processes, 0 = inline (default: 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_recording_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse a generator's command line, set up logging and reject out-of-range shared options before any
+    simulator starts."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vla").setLevel(logging.INFO)
+    if args.episodes < 1 or args.image_size < 16 or args.max_steps < 1 or args.workers < 0:
+        parser.exit(2, "error: --episodes and --max-steps must be >= 1, --image-size >= 16 and --workers >= 0\n")
+    return args
 
 
 # ---- features ----------------------------------------------------------------------------------------------------
@@ -207,8 +242,17 @@ def _run_job(runner: EpisodeRunner, task_id: int, seed: int) -> tuple[str, Any]:
         return "error", (task_id, seed, f"{type(exc).__name__}: {exc}")
 
 
+def _exit_with_parent(parent_pid: int, poll_s: float = 2.0) -> None:
+    """Watchdog thread of a worker: end the process once the recorder that spawned it is gone (killed by a pipeline
+    timeout or the OOM killer), even in the middle of a rollout, instead of simulating on as an orphan."""
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
 def _worker_main(factory: RunnerFactory, factory_kwargs: dict, jobs, results) -> None:
     """Worker process: build the runner once, run jobs until the None sentinel, report each episode."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     runner = factory(**factory_kwargs)
     try:
         while (job := jobs.get()) is not None:
@@ -315,7 +359,10 @@ def record_demonstrations(
         raise ValueError("task_ids is empty: name at least one task")
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
-    if overwrite and out.exists():
+    request = json.loads(json.dumps(request))  # compare as stored: tuples become lists
+    if overwrite and out.is_symlink():
+        out.unlink()
+    elif overwrite and out.exists():
         shutil.rmtree(out)
     record = existing_output(out, request)
     if record is not None:

@@ -855,19 +855,14 @@ def write_calvin_results(out: Path, run_info: dict[str, Any], records: list[dict
 
 
 def calvin_markdown(results: dict[str, Any]) -> str:
-    p, s, policy = results["protocol"], results["summary"], results["policy"]
-    who = policy.get("checkpoint") or policy.get("object")
-    sha = f" (sha256 {policy['sha256'][:12]})" if policy.get("sha256") else ""
-    status = "official protocol" if p["official"] else "**not the official protocol** (" + "; ".join(p["deviations"]) + ")"
+    p, s = results["protocol"], results["summary"]
     lines = [
         f"# CALVIN {p['scene']}",
         "",
-        f"**Average length: {s['average_length']:.2f}** / {p['chain_length']} ({s['chains']} chains"
-        + (f", {s['errors']} with errors" if s["errors"] else "") + ")"
-        + ("" if results["complete"] else f" - incomplete: {s['chains']}/{results['expected_chains']} chains"),
+        R.headline(f"Average length: {s['average_length']:.2f}", results, f"{s['chains']} chains",
+                   f"{s['chains']}/{results['expected_chains']} chains", after=f" / {p['chain_length']}"),
         "",
-        f"- policy: `{who}`{sha}",
-        f"- {status}",
+        *R.provenance_lines(results),
         f"- {p['max_steps_per_subtask']} steps per subtask, chain seed {p['chain_seed']}, "
         f"{s['steps_per_s']:.1f} steps/s, time share " + ", ".join(f"{k} {v:.0%}" for k, v in s["time_share"].items()),
         "",

@@ -521,19 +521,14 @@ def write_libero_results(out: Path, run_info: dict[str, Any], records: list[dict
 
 
 def libero_markdown(results: dict[str, Any]) -> str:
-    p, s, policy = results["protocol"], results["summary"], results["policy"]
-    who = policy.get("checkpoint") or policy.get("object")
-    sha = f" (sha256 {policy['sha256'][:12]})" if policy.get("sha256") else ""
-    status = "official protocol" if p["official"] else "**not the official protocol** (" + "; ".join(p["deviations"]) + ")"
+    p, s = results["protocol"], results["summary"]
     lines = [
         f"# LIBERO {p['suite']}",
         "",
-        f"**Suite average: {s['success_rate']:.1%}** ({s['successes']}/{s['episodes']} episodes"
-        + (f", {s['errors']} with errors" if s["errors"] else "") + ")"
-        + ("" if results["complete"] else f" - incomplete: {s['episodes']}/{results['expected_episodes']} episodes"),
+        R.headline(f"Suite average: {s['success_rate']:.1%}", results, f"{s['successes']}/{s['episodes']} episodes",
+                   f"{s['episodes']}/{results['expected_episodes']} episodes"),
         "",
-        f"- policy: `{who}`{sha}",
-        f"- {status}",
+        *R.provenance_lines(results),
         (f"- {p['episodes_per_task']} episodes per task from the fixed init states, {p['max_steps']} policy steps "
          f"after {p['settle_steps']} settle steps, {p['reset']} resets, seed {p['seed']}, {p['image_size']} px cameras"),
         "- time share: " + ", ".join(f"{k} {v:.0%}" for k, v in s["time_share"].items())
@@ -628,17 +623,8 @@ def config_from_args(args: argparse.Namespace, base: EvalConfig, image_size: int
     ).validate()
 
 
-def _unshadow_libero_package() -> None:
-    """`eval/libero.py` is named like the LIBERO package: run as a script, its folder is `sys.path[0]` and
-    `import libero` would find the script. Take that folder off the import path (worker processes inherit it)."""
-    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if script is not None and script.name == "libero.py":
-        sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != script.parent]
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """`eval/libero.py`: parse options, evaluate each suite, print the summary table. Returns results by suite."""
-    _unshadow_libero_package()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

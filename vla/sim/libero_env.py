@@ -149,6 +149,10 @@ def make_libero_env(
     Returns:
         (env, task): the `OffScreenRenderEnv` (its robosuite env is `env.env`) and the benchmark `Task`
         (`task.language` is the instruction). Call `env.reset()` before stepping; `env.close()` when done.
+
+    Keep one env alive per process (close it before making the next), as the generator and the evaluation do:
+    robosuite frees a renderer's GL objects without making its own context current, so a hard reset or a close
+    of one env corrupts the renderer of any other env alive in the same process.
     """
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
@@ -195,9 +199,12 @@ def render_cameras(env, cameras: Sequence[str] | None = None) -> dict[str, np.nd
 
     Returns `{f"{camera}_image": uint8 (H, W, 3)}` at the env's camera resolution (bottom-up, as MuJoCo renders),
     so `raw_obs | render_cameras(env)` is interchangeable with the observation of an env made with `render=True`.
+    Safe with several envs in one process: the env's own GL context is made current first (robosuite's renderer
+    draws into whichever context is current, i.e. the one created or rebuilt last).
     """
     inner = _robosuite_env(env)
     names = list(inner.camera_names) if cameras is None else list(cameras)
+    inner.sim._render_context_offscreen.gl_ctx.make_current()
     out = {}
     for camera in names:
         if camera not in inner.camera_names:

@@ -228,6 +228,25 @@ def start_run(out_dir: str | Path, run_info: Mapping[str, Any], *, resume: bool,
 # ---- tables, plots, videos -------------------------------------------------------------------------------------
 
 
+def headline(bold: str, results: Mapping[str, Any], count: str, progress: str, *, after: str = "") -> str:
+    """The first line of a results page, e.g. "**Suite average: 80.0%** (40/50 episodes)" or "**Average length:
+    2.10** / 5 (1000 chains)": `count` goes in the brackets with the number of rollouts that raised, `progress`
+    ("12/50 episodes") is shown when the run has not finished."""
+    errors = results["summary"]["errors"]
+    return (f"**{bold}**{after} ({count}" + (f", {errors} with errors" if errors else "") + ")"
+            + ("" if results["complete"] else f" - incomplete: {progress}"))
+
+
+def provenance_lines(results: Mapping[str, Any]) -> list[str]:
+    """Markdown bullets naming the evaluated policy (with its checkpoint hash) and whether the run followed the
+    benchmark's official protocol, listing every deviation when it did not."""
+    p, policy = results["protocol"], results["policy"]
+    who = policy.get("checkpoint") or policy.get("object")
+    sha = f" (sha256 {policy['sha256'][:12]})" if policy.get("sha256") else ""
+    status = "official protocol" if p["official"] else "**not the official protocol** (" + "; ".join(p["deviations"]) + ")"
+    return [f"- policy: `{who}`{sha}", f"- {status}"]
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v).replace("|", "\\|")

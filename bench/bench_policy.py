@@ -1,0 +1,99 @@
+"""Policy inference rate: `tiny-cpu` chunks per second on this CPU (2 cameras x 128 px, batch 1).
+
+One `predict_action_chunk` call is the whole query a simulator or robot makes: raw uint8 images and state in,
+pre-processing (resize, normalisation), the compact backbone, 10 flow-matching steps of the action head, and
+un-normalised actions out. Measured with the expert cache on (the default at inference) and off (the general
+routed path), alternating, and split into its stages so the budget is visible. The policy is untrained: speed does
+not depend on the weights.
+
+    .venv/bin/python bench/run.py --only policy [--quick]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from bench_action import THREADS, interleaved_ms
+
+from vla.config import get_preset
+from vla.constants import ACTION_MASK, OBS_STATE, STATE_MASK
+from vla.data.normalize import Normalizer
+from vla.data.transforms import prepare_observation
+from vla.policy import VLAPolicy
+
+GOAL_CHUNKS_PER_S = 20.0
+
+
+def tiny_cpu_policy(image_size: int = 128) -> VLAPolicy:
+    """An untrained tiny-cpu VLAPolicy with normalization statistics for the LIBERO Panda."""
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer.from_arrays({"libero_panda": {"state": [rng.normal(size=(256, 8))],
+                                                          "action": [rng.uniform(-1, 1, size=(256, 7))]}})
+    cfg = get_preset("tiny-cpu")
+    cfg.data.image_size = image_size
+    return VLAPolicy(cfg, normalizer=normalizer).eval()
+
+
+def libero_observation(image_size: int = 128) -> dict:
+    """One raw LIBERO-shaped observation: two uint8 cameras, the 8-dim Panda state and an instruction."""
+    rng = np.random.default_rng(0)
+    return {
+        "observation.images.agentview": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+        "observation.images.wrist": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+        "observation.state": rng.normal(size=8).astype(np.float32),
+        "task": "pick up the alphabet soup and place it in the basket",
+        "embodiment": "libero_panda",
+    }
+
+
+def predict_uncached(policy: VLAPolicy, obs: dict) -> torch.Tensor:
+    """`predict_action_chunk` through the general routed path (expert cache switched off for this call)."""
+    policy.head.cfg.expert_cache = False
+    try:
+        return policy.predict_action_chunk(obs)
+    finally:
+        policy.head.cfg.expert_cache = True
+
+
+def stage_ms(size: int, repeats: int) -> tuple[dict[str, float], VLAPolicy]:
+    """Median ms of a whole query (cached and uncached) and of each stage, for one image size."""
+    policy, obs = tiny_cpu_policy(size), libero_observation(size)
+
+    def prepare():
+        return prepare_observation(obs, registry=policy.registry, normalizer=policy.normalizer,
+                                   data_cfg=policy.config.data, default_embodiment="libero_panda")
+
+    with torch.inference_mode():
+        batch, _ = prepare()
+        prefix = policy.encode(batch)
+        head_args = (prefix, batch[OBS_STATE], batch[STATE_MASK], batch[ACTION_MASK])
+        ms = interleaved_ms({
+            "cached": lambda: policy.predict_action_chunk(obs),
+            "uncached": lambda: predict_uncached(policy, obs),
+            "prepare": prepare,
+            "backbone": lambda: policy.encode(batch),
+            "head_cached": lambda: policy.head.sample(*head_args),
+            "head_uncached": lambda: policy.head.sample(*head_args, use_expert_cache=False),
+        }, repeats=repeats, warmup=2)
+    return ms, policy
+
+
+def run(quick: bool = False) -> list[dict]:
+    torch.set_num_threads(THREADS)
+    repeats = 5 if quick else 30
+    results = []
+    for size in (128,) if quick else (128, 96):
+        ms, policy = stage_ms(size, repeats)
+        rate = 1e3 / ms["cached"]
+        results.append({
+            "benchmark": f"tiny-cpu chunk rate @ 2 x {size}px",
+            "metric": "chunks/s, batch 1, expert cache on",
+            "value": round(rate, 1),
+            "goal": f">= {GOAL_CHUNKS_PER_S:g}" if size == 128 else "",
+            "met": rate >= GOAL_CHUNKS_PER_S if size == 128 else None,
+            "figures": {"uncached_chunks_per_s": round(1e3 / ms["uncached"], 1),
+                        **{f"{k}_ms": round(v, 2) for k, v in ms.items()}},
+            "notes": f"{THREADS} torch thread(s); {policy.config.objective.num_inference_steps} flow steps, chunk "
+                     f"{policy.config.action.chunk_size}; medians of {repeats} alternating calls",
+        })
+    return results
