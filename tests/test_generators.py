@@ -7,17 +7,16 @@ the result with `LeRobotDataset(repo_id, root=...)` offline, exactly as training
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.orphans import assert_workers_die_with_parent
 
 from vla.data import recording
 from vla.data.recording import Episode, demo_features, episode_seed, record_demonstrations
@@ -110,8 +109,6 @@ class SlowRunner(FakeRunner):
 
 def test_workers_exit_when_the_recorder_is_killed(tmp_path):
     """A recorder killed with SIGKILL (a pipeline timeout, the OOM killer) must not leave simulator workers behind."""
-    import psutil
-
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path\n"
         "from test_generators import SlowRunner, FAKE_FEATURES\n"
@@ -120,24 +117,7 @@ def test_workers_exit_when_the_recorder_is_killed(tmp_path):
         " episodes_per_task=3, features=FAKE_FEATURES, fps=10, robot_type='fake', request={}, workers=2,"
         " progress=False)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path / "out")])
-    workers: list[psutil.Process] = []
-    try:
-        recorder = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 60
-        while len(workers := [c for c in recorder.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]) < 2:
-            assert time.monotonic() < deadline, "the recorder never started its workers"
-            time.sleep(0.5)
-        time.sleep(2)
-        proc.kill()
-        proc.wait()
-        gone, alive = psutil.wait_procs(workers, timeout=30)
-        assert not alive, f"workers still running 30 s after the recorder died: {[p.pid for p in alive]}"
-    finally:
-        proc.kill()
-        for worker in workers:  # orphans are no longer our children: kill them by pid
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
+    assert_workers_die_with_parent(script, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

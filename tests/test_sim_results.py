@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+from fixtures.orphans import assert_workers_die_with_parent
 
 from vla.sim import results as R
 from vla.sim.policies import RandomPolicy, as_action, as_chunk, episode_seed, load_policy
@@ -123,6 +125,28 @@ class EchoWorker:
 
 def _lost(job, message):
     return {"key": job["key"], "i": job["i"], "pid": None, "error": message}
+
+
+class SleepWorker:
+    """Picklable worker factory whose episodes take a minute."""
+
+    def __call__(self):
+        def run(job):
+            time.sleep(60)
+            return {"key": job["key"], "i": job["i"], "pid": os.getpid(), "error": None}
+
+        return run
+
+
+def test_pool_workers_exit_when_the_evaluation_is_killed():
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from test_sim_results import SleepWorker\n"
+        "from vla.sim.runner import run_jobs\n"
+        "run_jobs([{'key': str(i), 'i': i} for i in range(6)], SleepWorker(), num_workers=2,"
+        " on_record=print, on_lost=lambda job, message: None)\n"
+    )
+    assert_workers_die_with_parent(script)
 
 
 def test_pool_runs_every_job_once_in_two_processes_and_survives_a_dead_worker():

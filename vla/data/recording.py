@@ -16,10 +16,8 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
-import os
 import queue
 import shutil
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from vla.processes import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -242,17 +242,9 @@ def _run_job(runner: EpisodeRunner, task_id: int, seed: int) -> tuple[str, Any]:
         return "error", (task_id, seed, f"{type(exc).__name__}: {exc}")
 
 
-def _exit_with_parent(parent_pid: int, poll_s: float = 2.0) -> None:
-    """Watchdog thread of a worker: end the process once the recorder that spawned it is gone (killed by a pipeline
-    timeout or the OOM killer), even in the middle of a rollout, instead of simulating on as an orphan."""
-    while os.getppid() == parent_pid:
-        time.sleep(poll_s)
-    os._exit(1)
-
-
 def _worker_main(factory: RunnerFactory, factory_kwargs: dict, jobs, results) -> None:
     """Worker process: build the runner once, run jobs until the None sentinel, report each episode."""
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    exit_with_parent()  # a killed recorder takes its simulators with it
     runner = factory(**factory_kwargs)
     try:
         while (job := jobs.get()) is not None:

@@ -22,6 +22,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from vla.processes import exit_with_parent
+
 logger = logging.getLogger(__name__)
 
 Record = dict[str, Any]
@@ -90,6 +92,7 @@ def _close(runner: EpisodeRunner) -> None:
 def _worker_main(worker: WorkerFactory, jobs: list[Job], next_index, current, slot: int, results) -> None:
     """Body of a worker process: build once, then run jobs until the shared counter runs out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    exit_with_parent()  # SIGKILL is not: a killed evaluation takes its simulators with it
     try:
         runner = worker()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops the run
