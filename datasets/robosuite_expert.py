@@ -36,9 +36,8 @@ from vla.data.recording import (
     Episode,
     demo_features,
     parse_recording_args,
-    record_demonstrations,
+    record_from_args,
     recording_parser,
-    summary_lines,
 )
 from vla.sim.libero_env import disable_msaa, quat_to_axis_angle
 
@@ -269,24 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         "generator": "robosuite_expert", "robot": ROBOT, "controller": CONTROLLER, "tasks": names,
         "episodes": args.episodes, "image_size": args.image_size, "max_steps": args.max_steps, "seed": args.seed,
     }
-    record = record_demonstrations(
+    return record_from_args(
+        args,
         out,
         runner_factory=RobosuiteExpertRunner,
         runner_kwargs={"image_size": args.image_size, "max_steps": args.max_steps},
         task_ids=args.tasks,
-        episodes_per_task=args.episodes,
         features=demo_features(CAMERAS, args.image_size, STATE_NAMES, ACTION_NAMES),
         fps=CONTROL_FREQ,
         robot_type=ROBOT.lower(),
         request=request,
-        seed=args.seed,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
     )
-    print(("reused " if record.get("reused") else "wrote ") + str(out))
-    print(summary_lines(record))
-    return 0 if not record.get("missing_episodes") else 1
 
 
 if __name__ == "__main__":

@@ -70,6 +70,19 @@ def parse_recording_args(parser: argparse.ArgumentParser, argv: list[str] | None
     return args
 
 
+def record_from_args(args: argparse.Namespace, out: Path, **generator: Any) -> int:
+    """`record_demonstrations` with the shared command-line options of `parse_recording_args`, then print what
+    was written; returns the generator's exit code (1 when a task is missing episodes). `generator` holds the
+    generator's own arguments: runner_factory, runner_kwargs, task_ids, features, fps, robot_type, request."""
+    record = record_demonstrations(
+        out, episodes_per_task=args.episodes, seed=args.seed, workers=args.workers, overwrite=args.overwrite,
+        progress=not args.no_progress, **generator,
+    )
+    print(("reused " if record.get("reused") else "wrote ") + str(out))
+    print(summary_lines(record))
+    return 0 if not record.get("missing_episodes") else 1
+
+
 # ---- features ----------------------------------------------------------------------------------------------------
 
 

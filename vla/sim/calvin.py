@@ -677,12 +677,8 @@ class CalvinChainRunner:
         )
         if rollout.frames:
             name = f"chain{job['chain']:04d}_{rollout.completed}of{len(job['tasks'])}.mp4"
-            try:
-                R.write_video(self.out_dir / R.VIDEO_DIR / name, rollout.frames,
-                              fps=CONTROL_FREQ / max(1, self.cfg.video_stride))
-                record["video"] = f"{R.VIDEO_DIR}/{name}"
-            except Exception as e:  # noqa: BLE001 - a video is a by-product: never fail the chain for it
-                logger.warning("could not write video %s: %s", name, e)
+            record["video"] = R.save_rollout_video(self.out_dir, name, rollout.frames,
+                                                   fps=CONTROL_FREQ / max(1, self.cfg.video_stride))
         return record
 
     def close(self) -> None:

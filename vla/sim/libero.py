@@ -317,12 +317,8 @@ class LiberoEpisodeRunner:
         keep = index < self.cfg.videos_per_task or not record["success"]
         if ep.frames and keep:
             name = f"task{task_id:02d}_ep{index:02d}_{'success' if record['success'] else 'failure'}.mp4"
-            try:
-                R.write_video(self.out_dir / R.VIDEO_DIR / name, ep.frames,
-                              fps=CONTROL_FREQ / max(1, self.cfg.video_stride))
-                record["video"] = f"{R.VIDEO_DIR}/{name}"
-            except Exception as e:  # noqa: BLE001 - a video is a by-product: never fail the episode for it
-                logger.warning("could not write video %s: %s", name, e)
+            record["video"] = R.save_rollout_video(self.out_dir, name, ep.frames,
+                                                   fps=CONTROL_FREQ / max(1, self.cfg.video_stride))
         return record
 
     def close(self) -> None:

@@ -316,5 +316,16 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], *, fps: float) -
     return path
 
 
+def save_rollout_video(out_dir: Path, name: str, frames: Sequence[np.ndarray], *, fps: float) -> str | None:
+    """Write a rollout's video under `out_dir/videos/`; returns its path relative to `out_dir`, or None (logged)
+    when encoding fails: a video is a by-product and never fails the rollout it shows."""
+    try:
+        write_video(out_dir / VIDEO_DIR / name, frames, fps=fps)
+    except Exception as e:  # noqa: BLE001 - any encoder failure
+        logger.warning("could not write video %s: %s", name, e)
+        return None
+    return f"{VIDEO_DIR}/{name}"
+
+
 def rate(successes: int, total: int) -> float:
     return successes / total if total else 0.0
