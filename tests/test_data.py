@@ -410,6 +410,34 @@ def test_resume_gives_the_same_batches_with_any_worker_count(opened, data_root: 
     assert not torch.equal(first[0][image_key("base")], rest[0][image_key("base")])
 
 
+def test_images_decoded_into_memory_give_the_same_batches(data_root: Path, caplog: pytest.LogCaptureFixture):
+    """`data.cache_images_gb` decodes the PNG cameras once; batches are unchanged, video cameras stay per-sample,
+    and a budget too small for the mixture leaves every camera decoding per sample."""
+    cfg = make_cfg(data_root, augment=True, batch_size=6)
+
+    def first_batches(cache_gb: float):
+        cfg.data.cache_images_gb = cache_gb
+        mixture = load_mixture(cfg.data, default_registry())  # fresh sources: caching mutates them
+        mixture.validate()
+        loader = make_dataloader(cfg, mixture, mixture.compute_stats())
+        return [b for _, b in zip(range(4), loader, strict=False)], mixture.open()
+
+    plain, _ = first_batches(0)
+    cached, sources = first_batches(1.0)
+    by_name = {Path(s.name).name: s for s in sources}
+    assert sorted(by_name["libero"].cacheable_cameras()) == []  # both image cameras now served from memory
+    assert type(by_name["libero"].cameras["base"]).__name__ == "_DecodedColumn"
+    assert type(by_name["toy"].cameras["base"]).__name__ == "_VideoColumn"
+    for a, b in zip(plain, cached, strict=True):
+        for k, v in a.items():
+            assert torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k], k
+
+    with caplog.at_level("WARNING"):
+        _, sources = first_batches(1e-6)
+    assert "decoding per sample" in caplog.text
+    assert all(s.cacheable_cameras() for s in sources if Path(s.name).name == "libero")
+
+
 # ---- validation --------------------------------------------------------------------------------------------------
 
 

@@ -29,6 +29,23 @@ def test_protocol_constants():
         L.base_suite("libero_nonsense")
 
 
+def test_eval_defaults_come_from_the_checkpoints_eval_section(tmp_path: Path):
+    """`--policy <run>/last` reads <run>/last/pretrained_model/config.json; cameras render at eval.image_size (the
+    demonstrations' resolution), not at the model's input size data.image_size."""
+    from vla.config import get_preset
+
+    cfg = get_preset("tiny-cpu")
+    cfg.eval.suite = "libero_spatial"
+    assert cfg.data.image_size != cfg.eval.image_size
+    (tmp_path / "last" / "pretrained_model").mkdir(parents=True)
+    cfg.to_json(tmp_path / "last" / "pretrained_model" / "config.json")
+    for policy in (tmp_path / "last", tmp_path / "last" / "pretrained_model"):
+        base = L.checkpoint_eval_defaults(str(policy))
+        assert (base.suite, base.image_size) == ("libero_spatial", cfg.eval.image_size)
+    assert L.checkpoint_eval_defaults(str(tmp_path)) == EvalConfig()
+    assert L.checkpoint_eval_defaults(L.RANDOM_POLICY) == EvalConfig()
+
+
 @pytest.mark.sim
 def test_suites_and_fixed_init_states():
     from vla.sim.libero_env import get_init_states, num_tasks

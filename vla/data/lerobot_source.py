@@ -200,6 +200,16 @@ class _ImageColumn:
         return decode_rgb(data)
 
 
+class _DecodedColumn:
+    """One camera decoded once into memory: (N, 3, H, W) uint8, a sample is a view (see `FrameSource.cache_images`)."""
+
+    def __init__(self, frames: np.ndarray) -> None:
+        self.frames = frames
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.frames[i])
+
+
 def decode_rgb(data: bytes) -> torch.Tensor:
     """PNG/JPEG bytes -> (3, H, W) uint8 RGB (grey is repeated, alpha dropped).
 
@@ -289,6 +299,37 @@ class FrameSource:
         except Exception as e:
             raise RuntimeError(f"{self.name}: cannot decode camera '{camera}' at frame {i} "
                                f"({type(e).__name__}: {e})") from e
+
+    def cacheable_cameras(self) -> list[str]:
+        """Cameras stored as images (one PNG/JPEG per frame); video cameras keep decoding per sample."""
+        return [cam for cam, reader in self.cameras.items() if isinstance(reader, _ImageColumn)]
+
+    def decoded_bytes(self) -> int:
+        """Memory `cache_images` would take: frames x the first frame's decoded size, per cacheable camera."""
+        return sum(len(self) * self.image(0, cam).numel() for cam in self.cacheable_cameras()) if len(self) else 0
+
+    def cache_images(self, progress: bool = True) -> None:
+        """Decode every frame of the image cameras once and serve samples from memory from then on.
+
+        The arrays are never written after this, so forked DataLoader workers share their pages.
+        """
+        from tqdm import tqdm
+
+        cams = self.cacheable_cameras()
+        bar = tqdm(total=len(self) * len(cams), desc=f"decoding {self.name}", unit="img", disable=not progress,
+                   mininterval=1.0)
+        for cam in cams:
+            first = self.image(0, cam)
+            frames = np.empty((len(self), *first.shape), dtype=np.uint8)
+            for i in range(len(self)):
+                img = self.image(i, cam)
+                if img.shape != first.shape:
+                    raise RuntimeError(f"{self.name}: camera '{cam}' frame {i} is {tuple(img.shape)}, frame 0 is "
+                                       f"{tuple(first.shape)}; every frame of a camera must have one size")
+                frames[i] = img.numpy()
+                bar.update()
+            self.cameras[cam] = _DecodedColumn(frames)
+        bar.close()
 
     @classmethod
     def open(cls, name: str, location: Location, embodiment: str, cameras: dict[str, str]) -> FrameSource:

@@ -420,6 +420,8 @@ def make_dataloader(
                 problems.append(f"{src.name}: normalizer {key} statistics have {have} dims, embodiment has {dim}")
     if problems:
         raise MixtureError(mixture.source, sorted(set(problems)))
+    if cfg.data.cache_images_gb > 0:
+        cache_decoded_images(sources, cfg.data.cache_images_gb, progress=rank == 0)
     processor = Processor(cfg.data, mixture.registry, normalizer)
     dataset = MixtureDataset(sources, processor, cfg.action.chunk_size, train=train)
     sampler = MixtureSampler([len(s) for s in sources], [e.weight for e in mixture.entries], cfg.data.batch_size,
@@ -435,6 +437,19 @@ def make_dataloader(
         worker_init_fn=_worker_init if workers > 0 else None,
         prefetch_factor=2 if workers > 0 else None,
     )
+
+
+def cache_decoded_images(sources: Sequence[FrameSource], budget_gb: float, progress: bool = True) -> bool:
+    """Decode the image cameras of every source into memory if all of them fit in `budget_gb` GiB (else nothing)."""
+    need = sum(src.decoded_bytes() for src in sources)
+    if need > budget_gb * 2**30:
+        logger.warning("decoded images would take %.2f GiB > data.cache_images_gb=%.2f: decoding per sample",
+                       need / 2**30, budget_gb)
+        return False
+    for src in sources:
+        src.cache_images(progress=progress)
+    logger.info("decoded %.2f GiB of images into memory", need / 2**30)
+    return True
 
 
 def _identity(batch: dict[str, Any]) -> dict[str, Any]:

@@ -560,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help=f"evaluation seed (default {d.seed})")
     parser.add_argument("--workers", type=int, default=None, help=f"parallel simulator processes (default {d.num_workers})")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="camera resolution (default: the checkpoint's data.image_size, else 128)")
+                        help="camera resolution (default: the checkpoint's eval.image_size, else 128; the policy "
+                             "resizes to its own input size)")
     parser.add_argument("--replan-steps", type=int, default=None,
                         help="0 = the policy's own action queue (default); k = execute k actions of each predicted chunk")
     parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default 0 = the suite's official budget)")
@@ -578,24 +579,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def checkpoint_eval_defaults(policy: str | None) -> tuple[EvalConfig, int | None]:
-    """The eval section and image size recorded in a checkpoint's config.json (defaults when absent)."""
+def checkpoint_eval_defaults(policy: str | None) -> EvalConfig:
+    """The eval section recorded in a checkpoint's config.json (defaults when absent).
+
+    `policy` may be a training checkpoint (`<run>/last`, `<run>/step-N`) or its `pretrained_model/`. Cameras render
+    at `eval.image_size` (the resolution the demonstrations were recorded at), never at `data.image_size`: the
+    policy resizes every camera itself, exactly as it did in training.
+    """
     if not policy or policy == RANDOM_POLICY:
-        return EvalConfig(), None
-    path = Path(policy) / "config.json"
-    if not path.is_file():
-        return EvalConfig(), None
+        return EvalConfig()
+    path = Path(policy)
+    if not (path / "config.json").is_file() and (path / "pretrained_model" / "config.json").is_file():
+        path = path / "pretrained_model"
+    if not (path / "config.json").is_file():
+        return EvalConfig()
     from vla.config import VLAConfig
 
     try:
-        cfg = VLAConfig.from_json(path)
+        return VLAConfig.from_json(path / "config.json").eval
     except (ConfigError, ValueError, TypeError) as e:
-        logger.warning("ignoring eval defaults of %s: %s", path, e)
-        return EvalConfig(), None
-    return cfg.eval, cfg.data.image_size
+        logger.warning("ignoring eval defaults of %s: %s", path / "config.json", e)
+        return EvalConfig()
 
 
-def config_from_args(args: argparse.Namespace, base: EvalConfig, image_size: int | None) -> EvalConfig:
+def config_from_args(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
     def pick(value, default):
         return default if value is None else value
 
@@ -609,7 +616,7 @@ def config_from_args(args: argparse.Namespace, base: EvalConfig, image_size: int
         episodes_per_task=pick(args.episodes, base.episodes_per_task),
         seed=pick(args.seed, base.seed),
         num_workers=pick(args.workers, base.num_workers),
-        image_size=pick(args.image_size, image_size or base.image_size),
+        image_size=pick(args.image_size, base.image_size),
         replan_steps=pick(args.replan_steps, base.replan_steps),
         max_steps=pick(args.max_steps, base.max_steps),
         videos_per_task=pick(args.videos, base.videos_per_task),
@@ -632,12 +639,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         parser.error("--policy is required (a checkpoint directory or 'random')")
     if args.policy != RANDOM_POLICY and not Path(args.policy).exists():
         parser.error(f"--policy {args.policy}: no such checkpoint directory")
-    base, image_size = checkpoint_eval_defaults(args.policy)
+    base = checkpoint_eval_defaults(args.policy)
     suites = [s for s in (args.suite or base.suite).replace(" ", "").split(",") if s]
     try:
         for suite in suites:
             base_suite(suite)
-        cfg = config_from_args(args, base, image_size)
+        cfg = config_from_args(args, base)
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
     if args.out is None and args.policy == RANDOM_POLICY:
