@@ -83,7 +83,9 @@ def run(quick: bool) -> list[dict]:
 
         try:
             policy = tiny_cpu_policy()
-            note = "untrained tiny-cpu VLAPolicy (flow matching, 10 denoising steps, chunk 10, executes 5)"
+            c = policy.config
+            note = (f"untrained tiny-cpu VLAPolicy (flow matching, {c.objective.num_inference_steps} denoising steps, "
+                    f"chunk {c.action.chunk_size}, executes {c.action.n_action_steps})")
         except Exception as e:  # noqa: BLE001 - the policy module is another area's; report, do not crash
             policy = RandomPolicy(7, chunk=5)
             note = f"tiny-cpu VLAPolicy unavailable ({type(e).__name__}: {e}); random policy instead"

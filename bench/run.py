@@ -53,7 +53,8 @@ def to_markdown(results: list[dict], meta: dict) -> str:
         "# Benchmarks",
         "",
         f"Measured {meta['date']} on {meta['machine']} ({meta['threads']} torch threads, torch {meta['torch']}).",
-        "Ratios are measured side by side in one run. Regenerate with `make bench`.",
+        "Ratios are measured side by side in one run. Regenerate with `make bench`"
+        + (" (this page: `bench/run.py --quick`, reduced sizes and repeats)." if meta.get("quick") else "."),
         "",
         "| benchmark | metric | value | goal | met | figures | notes |",
         "|---|---|---|---|---|---|---|",
