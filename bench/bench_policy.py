@@ -1,7 +1,7 @@
 """Policy inference rate: `tiny-cpu` chunks per second on this CPU (2 cameras x 128 px, batch 1).
 
 One `predict_action_chunk` call is the whole query a simulator or robot makes: raw uint8 images and state in,
-pre-processing (resize, normalisation), the compact backbone, 10 flow-matching steps of the action head, and
+pre-processing (resize, normalisation), the compact backbone, the preset's flow-matching steps of the head, and
 un-normalised actions out. Measured with the expert cache on (the default at inference) and off (the general
 routed path), alternating, and split into its stages so the budget is visible. The policy is untrained: speed does
 not depend on the weights.

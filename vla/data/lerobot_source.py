@@ -321,7 +321,9 @@ class FrameSource:
         for cam in cams:
             first = self.image(0, cam)
             frames = np.empty((len(self), *first.shape), dtype=np.uint8)
-            for i in range(len(self)):
+            frames[0] = first.numpy()
+            bar.update()
+            for i in range(1, len(self)):
                 img = self.image(i, cam)
                 if img.shape != first.shape:
                     raise RuntimeError(f"{self.name}: camera '{cam}' frame {i} is {tuple(img.shape)}, frame 0 is "

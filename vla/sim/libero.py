@@ -588,17 +588,19 @@ def checkpoint_eval_defaults(policy: str | None) -> EvalConfig:
     """
     if not policy or policy == RANDOM_POLICY:
         return EvalConfig()
-    path = Path(policy)
-    if not (path / "config.json").is_file() and (path / "pretrained_model" / "config.json").is_file():
-        path = path / "pretrained_model"
-    if not (path / "config.json").is_file():
-        return EvalConfig()
     from vla.config import VLAConfig
+    from vla.training.checkpoint import CONFIG_NAME, resolve_pretrained
 
     try:
-        return VLAConfig.from_json(path / "config.json").eval
+        path = resolve_pretrained(policy) / CONFIG_NAME
+    except FileNotFoundError:
+        return EvalConfig()
+    if not path.is_file():
+        return EvalConfig()
+    try:
+        return VLAConfig.from_json(path).eval
     except (ConfigError, ValueError, TypeError) as e:
-        logger.warning("ignoring eval defaults of %s: %s", path / "config.json", e)
+        logger.warning("ignoring eval defaults of %s: %s", path, e)
         return EvalConfig()
 
 
