@@ -14,7 +14,7 @@ from fixtures.orphans import assert_workers_die_with_parent
 
 from vla.sim import results as R
 from vla.sim.policies import RandomPolicy, as_action, as_chunk, episode_seed, load_policy
-from vla.sim.runner import WorkerStartError, run_jobs
+from vla.sim.runner import WorkerStartError, run_jobs, threads_per_worker
 
 
 def test_episode_log_survives_a_torn_last_line(tmp_path):
@@ -158,6 +158,32 @@ def test_pool_runs_every_job_once_in_two_processes_and_survives_a_dead_worker():
     assert "exit code -9" in by_i[3]["error"]
     pids = {r["pid"] for r in records if r["pid"] is not None}
     assert os.getpid() not in pids and len(pids) >= 2  # real worker processes (a replacement after the kill)
+
+
+class ThreadsWorker:
+    """Picklable worker factory that loads torch when it builds (as a policy does) and reports its thread count."""
+
+    def __call__(self):
+        import torch
+
+        def run(job):
+            return {"key": job["key"], "i": job["i"], "threads": torch.get_num_threads(), "error": None}
+
+        return run
+
+
+def test_pool_workers_split_the_cores_between_them():
+    import torch
+
+    parent_threads = torch.get_num_threads()
+    records = []
+    run_jobs([{"key": str(i), "i": i} for i in range(2)], ThreadsWorker(), num_workers=2,
+             on_record=records.append, on_lost=_lost)
+    cores = len(os.sched_getaffinity(0))
+    expected = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else max(1, cores // 2)
+    assert threads_per_worker(2) == expected
+    assert [r["threads"] for r in records] == [expected, expected]
+    assert torch.get_num_threads() == parent_threads  # the caller keeps its own threads
 
 
 def test_pool_in_process_and_start_errors():

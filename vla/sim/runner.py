@@ -6,7 +6,10 @@ episode and returns it as a failed record, so one bad episode never stops the ru
 
 With `num_workers == 1` everything runs in the calling process (easy to debug, no pickling). With more, each
 worker process (spawn context: safe with EGL/MuJoCo and torch) builds its own env and policy once and takes the
-next job index from a shared counter, so the work is balanced however long each episode is. The parent process
+next job index from a shared counter, so the work is balanced however long each episode is. The worker processes
+split the cores between them (torch intra-op threads = cores // workers, unless OMP_NUM_THREADS says otherwise):
+two workers that each start one thread per core fight over the cores, and a policy query in a 2-worker LIBERO
+evaluation on 2 cores took 1.07 s instead of 0.077 s. The parent process
 is the only writer of results: it receives each record the moment it is finished. If a worker process dies
 (segfault, OOM kill), the job it was running is reported through `on_lost` as a failure with the exit code, a
 replacement process is started, and the run continues.
@@ -17,7 +20,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -89,12 +94,32 @@ def _close(runner: EpisodeRunner) -> None:
         close()
 
 
-def _worker_main(worker: WorkerFactory, jobs: list[Job], next_index, current, slot: int, results) -> None:
+def threads_per_worker(num_workers: int) -> int:
+    """Torch intra-op threads for each of `num_workers` processes sharing this machine's cores."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // num_workers)
+
+
+def _share_cores(threads: int) -> None:
+    """Limit this worker's torch threads; before torch is imported the environment does it, after it the API."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(threads))
+    torch = sys.modules.get("torch")  # never import torch for a worker that does not use it (the generators)
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+def _worker_main(worker: WorkerFactory, jobs: list[Job], next_index, current, slot: int, results,
+                 threads: int) -> None:
     """Body of a worker process: build once, then run jobs until the shared counter runs out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     exit_with_parent()  # SIGKILL is not: a killed evaluation takes its simulators with it
+    _share_cores(threads)
     try:
         runner = worker()
+        _share_cores(threads)  # building the worker may have imported torch (a policy) after the first call
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops the run
         results.put(("start_error", slot, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
@@ -125,9 +150,11 @@ def _run_pool(
     current = ctx.Array("l", [-1] * num_workers)
     results = ctx.SimpleQueue()
     finished: set[int] = set()
+    threads = threads_per_worker(num_workers)
 
     def start(slot: int):
-        p = ctx.Process(target=_worker_main, args=(worker, jobs, next_index, current, slot, results), daemon=True)
+        p = ctx.Process(target=_worker_main, args=(worker, jobs, next_index, current, slot, results, threads),
+                        daemon=True)
         p.start()
         return p
 
