@@ -7,7 +7,9 @@ A benchmark is a module `bench/bench_<name>.py` with `run(quick: bool) -> list[d
      "met": True, "figures": {"cached_ms": 10.1, "uncached_ms": 23.4}, "notes": "MoDE shape, 10 steps"}
 
 Ratios are measured side by side in one run; nothing here asserts timings. `--only NAME` runs one module,
-`--quick` shrinks sizes for a smoke run.
+`--skip NAME,...` leaves modules out (`learning` trains and evaluates policies: hours at full size), `--quick`
+shrinks sizes for a smoke run. With `--only` or `--skip`, the rows of modules not run this time are kept from the
+existing results.json; every row carries the date it was measured.
 """
 
 from __future__ import annotations
@@ -26,13 +28,29 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def discover(only: str | None) -> list[Path]:
+def discover(only: str | None, skip: str = "") -> list[Path]:
     files = sorted(HERE.glob("bench_*.py"))
+    names = {f.stem.removeprefix("bench_") for f in files}
+    unknown = [n for n in [only or "", *skip.split(",")] if n and n.removeprefix("bench_") not in names]
+    if unknown:
+        raise SystemExit(f"bench/run.py: no benchmark named {unknown} in {HERE}; benchmarks: {sorted(names)}")
     if only:
-        files = [f for f in files if f.stem == f"bench_{only}" or f.stem == only]
-        if not files:
-            raise SystemExit(f"bench/run.py: no benchmark named '{only}' in {HERE}")
-    return files
+        files = [f for f in files if f.stem.removeprefix("bench_") == only.removeprefix("bench_")]
+    skipped = {n.strip().removeprefix("bench_") for n in skip.split(",") if n.strip()}
+    return [f for f in files if f.stem.removeprefix("bench_") not in skipped]
+
+
+def kept_rows(out: Path, ran: list[Path], meta: dict) -> list[dict]:
+    """Rows of earlier runs for the modules not run now (a partial run must not erase the rest of the page)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    stems = {p.stem for p in ran}
+    rows = [r for r in old.get("results", []) if r.get("module") not in stems]
+    for r in rows:
+        r.setdefault("date", old.get("meta", {}).get("date", "?"))
+    return rows
 
 
 def run_module(path: Path, quick: bool) -> list[dict]:
@@ -61,6 +79,8 @@ def to_markdown(results: list[dict], meta: dict) -> str:
     ]
     for r in results:
         met = {True: "yes", False: "no", None: "-"}[r.get("met")]
+        if r.get("date", meta["date"]) != meta["date"]:
+            r = {**r, "notes": f"{r.get('notes', '')} (measured {r['date']})".strip()}
         value = r.get("value")
         value = f"{value:.3g}" if isinstance(value, float) else str(value)
         figures = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.get("figures", {}).items())
@@ -71,6 +91,7 @@ def to_markdown(results: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="run only bench_<NAME>.py")
+    parser.add_argument("--skip", default="", help="comma-separated benchmarks to leave out, e.g. learning")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out", default=str(HERE), help="directory for results.json / results.md")
     args = parser.parse_args()
@@ -84,17 +105,21 @@ def main() -> None:
     }
     results: list[dict] = []
     failed = []
-    for path in discover(args.only):
+    modules = discover(args.only, args.skip)
+    for path in modules:
         print(f"== {path.stem}", flush=True)
         try:
-            results.extend(run_module(path, args.quick))
+            rows = run_module(path, args.quick)
+            results.extend({**r, "date": meta["date"]} for r in rows)
         except Exception as e:  # one broken benchmark must not hide the others
             traceback.print_exc()
             failed.append(path.stem)
             results.append({"benchmark": path.stem, "metric": "error", "value": f"{type(e).__name__}: {e}",
-                            "goal": "", "met": False, "module": path.stem})
+                            "goal": "", "met": False, "module": path.stem, "date": meta["date"]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.only or args.skip:
+        results = sorted(kept_rows(out, modules, meta) + results, key=lambda r: r.get("module", ""))
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(results, meta))
     print(to_markdown(results, meta))

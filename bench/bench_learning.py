@@ -1,0 +1,308 @@
+#!/usr/bin/env python
+"""Learning comparisons: the same data, the same CPU, the same training steps, the official LIBERO protocol.
+
+Every arm is the `tiny-cpu` preset with one thing changed, trained by `train.py` and evaluated by
+`eval/libero.py` on LIBERO-Object task 0 (the official 50 init states): the commands a user types, printed as
+they run. The arms:
+
+    tiny-cpu     the preset as it is (layers as,nm,nm,nm,nm,as) on LIBERO data alone
+    himoe        HiMoE pattern as,hb,hb,hb,hb,as          active FFN width 1024 per layer
+    mode         MoDE pattern nm x 6 (4 x 512, top-2)      active FFN width 1024 per layer
+    dense        d x 6, FFN 1024                           the active width of the two MoE arms
+    panda+ur5e   the preset on LIBERO Panda + robosuite UR5e (`datasets/mixtures/libero_ur5e.yaml`); the table
+                 gives its LIBERO success next to `tiny-cpu`'s, and `routing_panda+ur5e.png` plots the expert
+                 usage of each routed layer per embodiment at the end of training
+
+Reported per arm: final training loss (mean of the last 10% of logged intervals), training steps/s, head
+parameters (total and active per token), success rate and episodes. At the full size each arm is ~65 minutes of
+training and ~8 of evaluation on 2 cores, so the runs live in `checkpoints/bench-learning/<arm>/` (which `make
+clean` leaves alone) and resume: training continues from its last checkpoint and evaluation from its episode log,
+so an interrupted `make bench` picks up where it stopped. `--quick` is a smoke run of the same pipeline (2
+demonstrations, 16 steps at batch 4, one 30-step episode) in `bench/_work/learning_quick/`.
+
+Run one arm by hand: `python bench/bench_learning.py --arms dense` (`--help` for the options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+LIBERO_DATA = "datasets/local/libero_object_task0"
+UR5E_DATA = "datasets/local/robosuite_ur5e_lift"
+PANDA_CAMERAS = "{agentview: base, wrist: wrist}"
+UR5E_CAMERAS = "{frontview: base, robot0_eye_in_hand: wrist}"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    what: str
+    overrides: tuple[str, ...] = ()
+    two_embodiments: bool = False
+
+
+ARMS: dict[str, Arm] = {arm.name: arm for arm in (
+    Arm("tiny-cpu", "the preset: as,nm,nm,nm,nm,as (active FFN 512 in as, 1024 in nm)"),
+    Arm("himoe", "HiMoE pattern as,hb,hb,hb,hb,as: as 3 x 1024 top-1, hb 8 x 256 top-3 + 1 shared",
+        ("--action.layers", "as,hb,hb,hb,hb,as", "--action.expert_ffn_dim", "1024",
+         "--action.hb_expert_ffn_dim", "256", "--action.hb_num_experts", "8", "--action.hb_top_k", "3",
+         "--action.hb_num_shared", "1")),
+    Arm("mode", "MoDE pattern nm x 6: 4 x 512 top-2", ("--action.layers", "nm,nm,nm,nm,nm,nm")),
+    Arm("dense", "dense d x 6, FFN 1024 (the MoE arms' active width)", ("--action.layers", "d,d,d,d,d,d")),
+    Arm("panda+ur5e", "the preset on LIBERO Panda + robosuite UR5e (2:1)", two_embodiments=True),
+)}
+
+
+@dataclass
+class Plan:
+    """Where the arms run and at what size."""
+
+    work: Path
+    libero_data: Path
+    ur5e_data: Path
+    train_args: list[str] = field(default_factory=list)
+    eval_args: list[str] = field(default_factory=list)
+    demos: int = 50
+    ur5e_demos: int = 50
+    workers: int = 2
+
+
+def make_plan(quick: bool, eval_episodes: int | None = None, steps: int | None = None) -> Plan:
+    if quick:
+        work = HERE / "_work" / "learning_quick"
+        plan = Plan(work=work, libero_data=work / "data" / "libero_object_task0",
+                    ur5e_data=work / "data" / "robosuite_ur5e_lift", demos=2, ur5e_demos=2, workers=1)
+        plan.train_args = ["--train.steps", str(steps or 16), "--train.save_every", "8", "--train.warmup_steps", "2",
+                           "--train.log_every", "2", "--data.batch_size", "4", "--data.num_workers", "0"]
+        plan.eval_args = ["--episodes", str(eval_episodes or 1), "--max-steps", "30", "--videos", "0"]
+        return plan
+    plan = Plan(work=REPO / "checkpoints" / "bench-learning", libero_data=REPO / LIBERO_DATA, ur5e_data=REPO / UR5E_DATA)
+    if steps:
+        plan.train_args = ["--train.steps", str(steps), "--train.save_every", str(max(1, steps // 6))]
+    plan.eval_args = ["--episodes", str(eval_episodes or 50)]
+    return plan
+
+
+# ---- stages ----------------------------------------------------------------------------------------------------
+
+
+def stage(cmd: list[str], log: Path) -> None:
+    """Run one stage, its output appended to `log` (the bench page stays readable); raise with the log's tail."""
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.setdefault("MUJOCO_GL", "egl")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"`{shlex.join(cmd[1:3])} ...` failed (exit {code}); {log}:\n{tail}")
+
+
+def ensure_data(plan: Plan) -> None:
+    """The generators skip a dataset that is already complete, so this is quick after the first time."""
+    py, log = sys.executable, plan.work / "data.log"
+    stage([py, "datasets/libero_expert.py", "--suite", "libero_object", "--tasks", "0", "--episodes",
+         str(plan.demos), "--workers", "2", "--out", str(plan.libero_data)], log)
+    stage([py, "datasets/robosuite_expert.py", "--tasks", "lift", "--episodes", str(plan.ur5e_demos),
+         "--workers", "2", "--out", str(plan.ur5e_data)], log)
+
+
+def write_mixture(plan: Plan, arm: Arm) -> Path:
+    entries = [(plan.libero_data, 2.0 if arm.two_embodiments else 1.0, "libero_panda", PANDA_CAMERAS)]
+    if arm.two_embodiments:
+        entries.append((plan.ur5e_data, 1.0, "robosuite_ur5e_osc", UR5E_CAMERAS))
+    path = plan.work / arm.name / "mixture.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# written by bench/bench_learning.py\ndatasets:\n" + "".join(
+        f"  - dataset: {root}\n    weight: {weight}\n    embodiment: {emb}\n    cameras: {cams}\n"
+        for root, weight, emb, cams in entries))
+    return path
+
+
+def _resolved(path: Path) -> str:
+    if path.is_symlink() or path.is_dir():
+        return str(path.resolve())
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
+    """Train (resuming) and evaluate (resuming unless the checkpoint changed) one arm; return its run dir."""
+    py, run_dir = sys.executable, plan.work / arm.name
+    mixture = write_mixture(plan, arm)
+    before = _resolved(run_dir / "last")
+    stage([py, "train.py", "--preset", "tiny-cpu", "--data.mixture", str(mixture), "--train.run_name", arm.name,
+         "--train.output_dir", str(plan.work), "--train.resume", "true", *plan.train_args, *arm.overrides],
+        run_dir / "bench.log")
+    again = "--resume" if _resolved(run_dir / "last") == before else "--overwrite"
+    stage([py, "eval/libero.py", "--policy", str(run_dir / "last"), "--suite", "libero_object", "--tasks", "0",
+         "--workers", str(plan.workers), "--out", str(run_dir / "eval"), again, *plan.eval_args],
+        run_dir / "bench.log")
+    return run_dir
+
+
+# ---- reading a finished arm ------------------------------------------------------------------------------------
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run: tag -> [(step, value)], steps in order (resumed runs merged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: sorted(values.items()) for tag, values in out.items()}
+
+
+def head_parameters(run_dir: Path) -> tuple[float, float]:
+    """(total, active per token) parameters of the action head in millions, from the checkpoint's tensors.
+
+    An expert tensor `(E, ...)` of a layer routing each token to top-k of its E experts counts k/E of its size
+    as active; everything else (attention, routers, shared experts, dense FFNs) counts fully.
+    """
+    from safetensors import safe_open
+
+    from vla.config import VLAConfig
+
+    model = run_dir / "last" / "pretrained_model"
+    action = VLAConfig.from_json(model / "config.json").action
+    kinds = action.layer_kinds
+    top_k = {kind: getattr(action, f"{kind}_top_k", 1) for kind in ("as", "hb", "nm")}
+    total = active = 0.0
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if not key.startswith("head."):
+                continue
+            shape = f.get_slice(key).get_shape()
+            n = math.prod(shape)
+            total += n
+            parts = key.split(".")
+            if ".ffn.experts." in key and "blocks" in parts:
+                kind = kinds[int(parts[parts.index("blocks") + 1])]
+                n = n * top_k[kind] / shape[0]
+            active += n
+    return total / 1e6, active / 1e6
+
+
+def summarize(plan: Plan, arm: Arm) -> dict:
+    run_dir = plan.work / arm.name
+    tb = scalars(run_dir)
+    losses = tb.get("loss/loss", [])
+    tail = losses[-max(1, len(losses) // 10):]
+    rates = sorted(v for _, v in tb.get("perf/steps_per_s", []))
+    total_m, active_m = head_parameters(run_dir)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    summary = results["summary"]
+    figures = {
+        "final_loss": round(sum(v for _, v in tail) / len(tail), 4) if tail else None,
+        "steps": losses[-1][0] if losses else 0,
+        "train_steps_per_s": round(rates[len(rates) // 2], 3) if rates else None,
+        "head_params_M": round(total_m, 2), "head_active_params_M": round(active_m, 2),
+        "successes": summary["successes"], "episodes": summary["episodes"],
+    }
+    if arm.two_embodiments:
+        figures["routing_png"] = plot_routing(tb, plan.work / f"routing_{arm.name}.png")
+    return {
+        "benchmark": f"learning: {arm.name}",
+        "metric": "LIBERO-Object task 0 success (official init states)",
+        "value": round(summary["success_rate"], 3),
+        "goal": "report",
+        "met": None,
+        "figures": figures,
+        "notes": f"{arm.what}; complete={results.get('complete')}",
+    }
+
+
+def plot_routing(tb: dict[str, list[tuple[int, float]]], path: Path) -> str:
+    """Bar chart of each routed layer's expert shares per embodiment at the last logged step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares: dict[str, dict[str, list[float]]] = {}  # layer -> embodiment -> shares
+    for tag, values in tb.items():
+        parts = tag.split("/")  # routing/layer0_as/<embodiment>/expert_2
+        if len(parts) == 4 and parts[0] == "routing" and parts[3].startswith("expert_"):
+            expert = int(parts[3].removeprefix("expert_"))
+            row = shares.setdefault(parts[1], {}).setdefault(parts[2], [])
+            row.extend([0.0] * (expert + 1 - len(row)))
+            row[expert] = values[-1][1]
+    if not shares:
+        return ""
+    layers = sorted(shares, key=lambda t: int(t.removeprefix("layer").split("_")[0]))
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.8), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        embodiments = sorted(shares[layer])
+        width = 0.8 / len(embodiments)
+        for j, emb in enumerate(embodiments):
+            row = shares[layer][emb]
+            ax.bar([e + (j - (len(embodiments) - 1) / 2) * width for e in range(len(row))], row, width=width, label=emb)
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("expert")
+    axes[0][0].set_ylabel("share of routing decisions")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path)
+
+
+# ---- entry points ----------------------------------------------------------------------------------------------
+
+
+def compare(plan: Plan, arms: list[str]) -> list[dict]:
+    ensure_data(plan)
+    rows = []
+    for name in arms:
+        arm = ARMS[name]
+        start = time.perf_counter()
+        try:
+            train_and_evaluate(plan, arm)
+            rows.append(summarize(plan, arm))
+        except Exception as e:  # noqa: BLE001 - one failed arm is a row saying why, the others still run
+            rows.append({"benchmark": f"learning: {name}", "metric": "LIBERO-Object task 0 success", "value": "error",
+                         "goal": "report", "met": None, "figures": {}, "notes": str(e).splitlines()[0]})
+        rows[-1]["seconds"] = round(time.perf_counter() - start, 1)
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    return compare(make_plan(quick), list(ARMS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default: all of {list(ARMS)})")
+    parser.add_argument("--quick", action="store_true", help="smoke run of the pipeline at toy size")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes (default: 50)")
+    args = parser.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"bench_learning: unknown arm(s) {unknown}; arms: {list(ARMS)}")
+    for row in compare(make_plan(args.quick, args.episodes, args.steps), arms):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
