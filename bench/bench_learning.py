@@ -12,9 +12,13 @@ they run. The arms:
     panda+ur5e   the preset on LIBERO Panda + robosuite UR5e (`datasets/mixtures/libero_ur5e.yaml`); the table
                  gives its LIBERO success next to `tiny-cpu`'s, and `routing_panda+ur5e.png` plots the expert
                  usage of each routed layer per embodiment at the end of training
+    lerobot-diffusion  lerobot's Diffusion Policy on the same dataset, same steps and batch size
+                 (`bench/lerobot_diffusion.py`: lerobot's own dataset, model, optimizer and normalization)
 
-Reported per arm: final training loss (mean of the last 10% of logged intervals), training steps/s, head
-parameters (total and active per token), success rate and episodes. At the full size each arm is ~65 minutes of
+Reported per arm: final training loss (mean of the last 10% of logged intervals; each objective has its own
+scale), training steps/s, parameters (the action head's total and active per token for ours, the whole model for
+lerobot's), predicted actions/s at inference (batch 1, one chunk from a fresh observation, this process's
+threads), success rate and episodes. At the full size each arm is ~65 minutes of
 training and ~8 of evaluation on 2 cores, so the runs live in `checkpoints/bench-learning/<arm>/` (which `make
 clean` leaves alone) and resume: training continues from its last checkpoint and evaluation from its episode log,
 so an interrupted `make bench` picks up where it stopped. `--quick` is a smoke run of the same pipeline (2
@@ -52,6 +56,7 @@ class Arm:
     what: str
     overrides: tuple[str, ...] = ()
     two_embodiments: bool = False
+    lerobot: bool = False
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
@@ -63,7 +68,10 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("mode", "MoDE pattern nm x 6: 4 x 512 top-2", ("--action.layers", "nm,nm,nm,nm,nm,nm")),
     Arm("dense", "dense d x 6, FFN 1024 (the MoE arms' active width)", ("--action.layers", "d,d,d,d,d,d")),
     Arm("panda+ur5e", "the preset on LIBERO Panda + robosuite UR5e (2:1)", two_embodiments=True),
+    Arm("lerobot-diffusion", "lerobot DiffusionPolicy (ResNet-18, U-Net 256-512-1024, DDIM 10 steps), same steps "
+        "and batch", lerobot=True),
 )}
+TINY_CPU_STEPS, TINY_CPU_BATCH = 4800, 32  # what the lerobot arm matches (the tiny-cpu preset's)
 
 
 @dataclass
@@ -74,7 +82,8 @@ class Plan:
     libero_data: Path
     ur5e_data: Path
     train_args: list[str] = field(default_factory=list)
-    eval_args: list[str] = field(default_factory=list)
+    eval_args: list[str] = field(default_factory=list)  # flags both evaluation CLIs take
+    lerobot_train_args: list[str] = field(default_factory=list)
     demos: int = 50
     ur5e_demos: int = 50
     workers: int = 2
@@ -88,11 +97,16 @@ def make_plan(quick: bool, eval_episodes: int | None = None, steps: int | None =
         plan.train_args = ["--train.steps", str(steps or 16), "--train.save_every", "8", "--train.warmup_steps", "2",
                            "--train.log_every", "2", "--data.batch_size", "4", "--data.num_workers", "0"]
         plan.eval_args = ["--episodes", str(eval_episodes or 1), "--max-steps", "30", "--videos", "0"]
+        plan.lerobot_train_args = ["--steps", str(steps or 4), "--batch-size", "4", "--num-workers", "0",
+                                   "--save-every", "2", "--log-every", "1"]
         return plan
     plan = Plan(work=REPO / "checkpoints" / "bench-learning", libero_data=REPO / LIBERO_DATA, ur5e_data=REPO / UR5E_DATA)
     if steps:
         plan.train_args = ["--train.steps", str(steps), "--train.save_every", str(max(1, steps // 6))]
     plan.eval_args = ["--episodes", str(eval_episodes or 50)]
+    lerobot_steps = steps or TINY_CPU_STEPS
+    plan.lerobot_train_args = ["--steps", str(lerobot_steps), "--batch-size", str(TINY_CPU_BATCH),
+                               "--save-every", str(max(1, lerobot_steps // 6))]
     return plan
 
 
@@ -144,6 +158,14 @@ def _resolved(path: Path) -> str:
 def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
     """Train (resuming) and evaluate (resuming unless the checkpoint changed) one arm; return its run dir."""
     py, run_dir = sys.executable, plan.work / arm.name
+    if arm.lerobot:
+        before = _resolved(run_dir / "last")
+        stage([py, "bench/lerobot_diffusion.py", "train", "--dataset", str(plan.libero_data), "--out", str(run_dir),
+               *plan.lerobot_train_args], run_dir / "bench.log")
+        again = "--resume" if _resolved(run_dir / "last") == before else "--overwrite"
+        stage([py, "bench/lerobot_diffusion.py", "eval", "--policy", str(run_dir / "last"), "--out",
+               str(run_dir / "eval"), "--workers", str(plan.workers), again, *plan.eval_args], run_dir / "bench.log")
+        return run_dir
     mixture = write_mixture(plan, arm)
     before = _resolved(run_dir / "last")
     stage([py, "train.py", "--preset", "tiny-cpu", "--data.mixture", str(mixture), "--train.run_name", arm.name,
@@ -202,20 +224,71 @@ def head_parameters(run_dir: Path) -> tuple[float, float]:
     return total / 1e6, active / 1e6
 
 
+def lerobot_training_log(run_dir: Path) -> tuple[list[tuple[int, float]], list[float], float]:
+    """(losses, steps/s of each interval, parameters in millions) of a lerobot_diffusion.py run."""
+    from safetensors import safe_open
+
+    records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    with safe_open(str(run_dir / "last" / "model.safetensors"), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return [(r["step"], r["loss"]) for r in records], [r["steps_per_s"] for r in records], params / 1e6
+
+
+def inference_rate(run_dir: Path, arm: Arm, repeats: int = 5) -> tuple[float, int]:
+    """(chunks/s, actions per chunk): `reset()` + `select_action` on one fresh observation, median of `repeats`."""
+    import numpy as np
+    import torch
+
+    from vla.constants import OBS_STATE, TASK, image_key
+
+    if arm.lerobot:
+        sys.path.insert(0, str(HERE))
+        from lerobot_diffusion import DiffusionAgent
+
+        agent = DiffusionAgent((run_dir / "last").resolve())
+        chunk = agent.chunk_size
+    else:
+        from vla.policy import VLAPolicy
+
+        agent = VLAPolicy.from_pretrained(str(run_dir / "last"))
+        agent.eval()
+        chunk = agent.config.action.chunk_size
+    rng = np.random.default_rng(0)
+    obs = {image_key(cam): rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for cam in ("base", "wrist")}
+    obs.update({OBS_STATE: np.zeros(8, np.float32), TASK: "pick up the alphabet soup and place it in the basket",
+                "embodiment": "libero_panda"})
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first call warms up (and fills the expert cache)
+            agent.reset()
+            start = time.perf_counter()
+            agent.select_action(dict(obs))
+            times.append(time.perf_counter() - start)
+    return 1.0 / sorted(times[1:])[len(times[1:]) // 2], chunk
+
+
 def summarize(plan: Plan, arm: Arm) -> dict:
     run_dir = plan.work / arm.name
-    tb = scalars(run_dir)
-    losses = tb.get("loss/loss", [])
+    if arm.lerobot:
+        tb: dict[str, list[tuple[int, float]]] = {}
+        losses, rates, total_m = lerobot_training_log(run_dir)
+        active_m = total_m
+    else:
+        tb = scalars(run_dir)
+        losses = tb.get("loss/loss", [])
+        rates = [v for _, v in tb.get("perf/steps_per_s", [])]
+        total_m, active_m = head_parameters(run_dir)
     tail = losses[-max(1, len(losses) // 10):]
-    rates = sorted(v for _, v in tb.get("perf/steps_per_s", []))
-    total_m, active_m = head_parameters(run_dir)
+    rates = sorted(rates)
+    chunks_per_s, chunk = inference_rate(run_dir, arm)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     summary = results["summary"]
     figures = {
         "final_loss": round(sum(v for _, v in tail) / len(tail), 4) if tail else None,
         "steps": losses[-1][0] if losses else 0,
         "train_steps_per_s": round(rates[len(rates) // 2], 3) if rates else None,
-        "head_params_M": round(total_m, 2), "head_active_params_M": round(active_m, 2),
+        "params_M": round(total_m, 2), "active_params_M": round(active_m, 2),
+        "chunks_per_s": round(chunks_per_s, 2), "actions_per_s": round(chunks_per_s * chunk, 1),
         "successes": summary["successes"], "episodes": summary["episodes"],
     }
     if arm.two_embodiments:
