@@ -535,17 +535,10 @@ class LiberoExpertRunner:
 
 def parse_tasks(text: str) -> list[int]:
     """'0' -> [0]; '0,2,5' -> [0, 2, 5]; '0-4' -> [0, 1, 2, 3, 4]."""
-    tasks: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = part.split("-")
-            tasks.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            tasks.append(int(part))
-    if not tasks or len(set(tasks)) != len(tasks):
-        raise argparse.ArgumentTypeError(f"--tasks must list distinct task indices, got {text!r}")
-    return tasks
+    try:
+        return L.parse_task_indices(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--tasks: {e}") from None
 
 
 def default_out(suite: str, tasks: list[int]) -> Path:

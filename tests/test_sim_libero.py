@@ -12,7 +12,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from vla.config import EvalConfig
+from vla.config import ConfigError, EvalConfig
 from vla.sim import libero as L
 from vla.sim.policies import RandomPolicy
 
@@ -167,6 +167,18 @@ def test_cli_help_and_errors():
     assert proc.returncode == 2 and "--out is required" in proc.stderr
     proc = run("--policy", "random", "--suite", "libero_nonsense", "--out", "/tmp/never")
     assert proc.returncode == 2 and "unknown LIBERO suite" in proc.stderr
+
+
+def test_eval_takes_the_generators_task_syntax():
+    """`make demo --tasks 0-4` hands the same string to the generator and to the evaluation."""
+    from vla.sim.libero_env import parse_task_indices
+
+    parser = L.build_parser()
+    cfg = L.config_from_args(parser.parse_args(["--policy", "random", "--tasks", "0-2,5"]), EvalConfig())
+    assert cfg.tasks == (0, 1, 2, 5) == tuple(parse_task_indices("0-2, 5"))
+    for bad in ("1,1", "a", "2-x", "-1"):
+        with pytest.raises(ConfigError, match="--tasks"):
+            L.config_from_args(parser.parse_args(["--policy", "random", "--tasks", bad]), EvalConfig())
 
 
 @pytest.mark.sim

@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", default=None,
                         help=f"suite(s), comma-separated (default from the checkpoint's config, else {d.suite}); "
                              "see --list-suites")
-    parser.add_argument("--tasks", default="", help="task indices, e.g. 0,3,5 (default: all tasks)")
+    parser.add_argument("--tasks", default="", help="task indices, e.g. 0,3,5 or 0-4 (default: all tasks)")
     parser.add_argument("--episodes", type=int, default=None,
                         help=f"episodes per task (official and default: {d.episodes_per_task})")
     parser.add_argument("--seed", type=int, default=None, help=f"evaluation seed (default {d.seed})")
@@ -608,10 +608,12 @@ def config_from_args(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
     def pick(value, default):
         return default if value is None else value
 
+    from vla.sim.libero_env import parse_task_indices
+
     try:
-        tasks = tuple(int(t) for t in args.tasks.replace(" ", "").split(",") if t) if args.tasks else base.tasks
-    except ValueError:
-        raise ConfigError(f"--tasks expects comma-separated integers, got {args.tasks!r}") from None
+        tasks = tuple(parse_task_indices(args.tasks)) if args.tasks else base.tasks
+    except ValueError as e:
+        raise ConfigError(f"--tasks: {e}") from None
     return dataclasses.replace(
         base,
         tasks=tasks,

@@ -34,6 +34,23 @@ from vla.constants import EMBODIMENT, OBS_STATE, TASK, image_key
 
 logger = logging.getLogger(__name__)
 
+
+def parse_task_indices(text: str) -> list[int]:
+    """'0' -> [0]; '0,2,5' -> [0, 2, 5]; '0-4' -> [0, 1, 2, 3, 4] (the --tasks syntax of the generator and the eval)."""
+    tasks: list[int] = []
+    try:
+        for part in text.replace(" ", "").split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                tasks.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                tasks.append(int(part))
+    except ValueError:
+        tasks = []
+    if not tasks or len(set(tasks)) != len(tasks) or min(tasks) < 0:
+        raise ValueError(f"task indices must be distinct non-negative integers like 0 | 0,3 | 0-4, got {text!r}")
+    return tasks
+
 LIBERO_EMBODIMENT = "libero_panda"
 """Embodiment registry name of the LIBERO Panda (7-dim delta EEF + gripper action, 8-dim state)."""
 
