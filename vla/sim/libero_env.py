@@ -51,6 +51,7 @@ def parse_task_indices(text: str) -> list[int]:
         raise ValueError(f"task indices must be distinct non-negative integers like 0 | 0,3 | 0-4, got {text!r}")
     return tasks
 
+
 LIBERO_EMBODIMENT = "libero_panda"
 """Embodiment registry name of the LIBERO Panda (7-dim delta EEF + gripper action, 8-dim state)."""
 

@@ -96,7 +96,7 @@ def _close(runner: EpisodeRunner) -> None:
 
 def threads_per_worker(num_workers: int) -> int:
     """Torch intra-op threads for each of `num_workers` processes sharing this machine's cores."""
-    if os.environ.get("OMP_NUM_THREADS"):
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():  # the user's explicit choice wins
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // num_workers)
