@@ -132,9 +132,9 @@ def ensure_data(plan: Plan) -> None:
     """The generators skip a dataset that is already complete, so this is quick after the first time."""
     py, log = sys.executable, plan.work / "data.log"
     stage([py, "datasets/libero_expert.py", "--suite", "libero_object", "--tasks", "0", "--episodes",
-         str(plan.demos), "--workers", "2", "--out", str(plan.libero_data)], log)
+           str(plan.demos), "--workers", "2", "--out", str(plan.libero_data)], log)
     stage([py, "datasets/robosuite_expert.py", "--tasks", "lift", "--episodes", str(plan.ur5e_demos),
-         "--workers", "2", "--out", str(plan.ur5e_data)], log)
+           "--workers", "2", "--out", str(plan.ur5e_data)], log)
 
 
 def write_mixture(plan: Plan, arm: Arm) -> Path:
@@ -169,12 +169,12 @@ def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
     mixture = write_mixture(plan, arm)
     before = _resolved(run_dir / "last")
     stage([py, "train.py", "--preset", "tiny-cpu", "--data.mixture", str(mixture), "--train.run_name", arm.name,
-         "--train.output_dir", str(plan.work), "--train.resume", "true", *plan.train_args, *arm.overrides],
-        run_dir / "bench.log")
+           "--train.output_dir", str(plan.work), "--train.resume", "true", *plan.train_args, *arm.overrides],
+          run_dir / "bench.log")
     again = "--resume" if _resolved(run_dir / "last") == before else "--overwrite"
     stage([py, "eval/libero.py", "--policy", str(run_dir / "last"), "--suite", "libero_object", "--tasks", "0",
-         "--workers", str(plan.workers), "--out", str(run_dir / "eval"), again, *plan.eval_args],
-        run_dir / "bench.log")
+           "--workers", str(plan.workers), "--out", str(run_dir / "eval"), again, *plan.eval_args],
+          run_dir / "bench.log")
     return run_dir
 
 
