@@ -44,6 +44,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from vla.training.checkpoint import LAST, read_last, resolve_pretrained  # noqa: E402 - the layout train.py writes
+
 LIBERO_DATA = "datasets/local/libero_object_task0"
 UR5E_DATA = "datasets/local/robosuite_ur5e_lift"
 PANDA_CAMERAS = "{agentview: base, wrist: wrist}"
@@ -149,30 +151,24 @@ def write_mixture(plan: Plan, arm: Arm) -> Path:
     return path
 
 
-def _resolved(path: Path) -> str:
-    if path.is_symlink() or path.is_dir():
-        return str(path.resolve())
-    return path.read_text().strip() if path.is_file() else ""
-
-
 def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
     """Train (resuming) and evaluate (resuming unless the checkpoint changed) one arm; return its run dir."""
     py, run_dir = sys.executable, plan.work / arm.name
     if arm.lerobot:
-        before = _resolved(run_dir / "last")
+        before = read_last(run_dir)
         stage([py, "bench/lerobot_diffusion.py", "train", "--dataset", str(plan.libero_data), "--out", str(run_dir),
                *plan.lerobot_train_args], run_dir / "bench.log")
-        again = "--resume" if _resolved(run_dir / "last") == before else "--overwrite"
-        stage([py, "bench/lerobot_diffusion.py", "eval", "--policy", str(run_dir / "last"), "--out",
+        again = "--resume" if read_last(run_dir) == before else "--overwrite"
+        stage([py, "bench/lerobot_diffusion.py", "eval", "--policy", str(run_dir / LAST), "--out",
                str(run_dir / "eval"), "--workers", str(plan.workers), again, *plan.eval_args], run_dir / "bench.log")
         return run_dir
     mixture = write_mixture(plan, arm)
-    before = _resolved(run_dir / "last")
+    before = read_last(run_dir)
     stage([py, "train.py", "--preset", "tiny-cpu", "--data.mixture", str(mixture), "--train.run_name", arm.name,
            "--train.output_dir", str(plan.work), "--train.resume", "true", *plan.train_args, *arm.overrides],
           run_dir / "bench.log")
-    again = "--resume" if _resolved(run_dir / "last") == before else "--overwrite"
-    stage([py, "eval/libero.py", "--policy", str(run_dir / "last"), "--suite", "libero_object", "--tasks", "0",
+    again = "--resume" if read_last(run_dir) == before else "--overwrite"
+    stage([py, "eval/libero.py", "--policy", str(run_dir / LAST), "--suite", "libero_object", "--tasks", "0",
            "--workers", str(plan.workers), "--out", str(run_dir / "eval"), again, *plan.eval_args],
           run_dir / "bench.log")
     return run_dir
@@ -204,7 +200,7 @@ def head_parameters(run_dir: Path) -> tuple[float, float]:
 
     from vla.config import VLAConfig
 
-    model = run_dir / "last" / "pretrained_model"
+    model = resolve_pretrained(run_dir / LAST)
     action = VLAConfig.from_json(model / "config.json").action
     kinds = action.layer_kinds
     top_k = {kind: getattr(action, f"{kind}_top_k", 1) for kind in ("as", "hb", "nm")}
@@ -229,7 +225,7 @@ def lerobot_training_log(run_dir: Path) -> tuple[list[tuple[int, float]], list[f
     from safetensors import safe_open
 
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    with safe_open(str(run_dir / "last" / "model.safetensors"), "pt") as f:
+    with safe_open(str(read_last(run_dir) / "model.safetensors"), "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return [(r["step"], r["loss"]) for r in records], [r["steps_per_s"] for r in records], params / 1e6
 
@@ -245,12 +241,12 @@ def inference_rate(run_dir: Path, arm: Arm, repeats: int = 5) -> tuple[float, in
         sys.path.insert(0, str(HERE))
         from lerobot_diffusion import DiffusionAgent
 
-        agent = DiffusionAgent((run_dir / "last").resolve())
+        agent = DiffusionAgent(read_last(run_dir))
         chunk = agent.chunk_size
     else:
         from vla.policy import VLAPolicy
 
-        agent = VLAPolicy.from_pretrained(str(run_dir / "last"))
+        agent = VLAPolicy.from_pretrained(str(resolve_pretrained(run_dir / LAST)))
         agent.eval()
         chunk = agent.config.action.chunk_size
     rng = np.random.default_rng(0)

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from vla.config import EvalConfig  # noqa: E402
 from vla.constants import OBS_STATE, image_key  # noqa: E402
+from vla.training.checkpoint import checkpoint_name, point_last_to, read_last  # noqa: E402
 
 logger = logging.getLogger("lerobot_diffusion")
 CAMERAS = {"agentview": "base", "wrist": "wrist"}  # dataset camera -> our canonical camera (as in the mixtures)
@@ -70,7 +71,8 @@ def diffusion_config(dataset_root: Path):
 
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stats: dict) -> Path:
     """Write step-N/ through a temporary directory and repoint `last`: a crash leaves the previous one intact."""
-    final, tmp = out / f"step-{step:06d}", out / f".step-{step:06d}.tmp"
+    final = out / checkpoint_name(step)
+    tmp = out / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     (tmp / STATS_FILE).write_text(json.dumps(
@@ -80,10 +82,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stats: d
                tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    link = out / ".last.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(final.name)
-    os.replace(link, out / "last")
+    point_last_to(out, final)
     return final
 
 
@@ -100,20 +99,20 @@ def train(dataset_root: Path, out: Path, steps: int, batch_size: int, num_worker
                              delta_timestamps=resolve_delta_timestamps(config, meta))
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    last, start = out / "last", 0
-    if last.exists():
-        policy = DiffusionPolicy.from_pretrained(str(last.resolve()))
+    last, start = read_last(out), 0
+    if last is not None:
+        policy = DiffusionPolicy.from_pretrained(str(last))
     else:
         policy = DiffusionPolicy(config)
     preprocessor, _ = make_diffusion_pre_post_processors(policy.config, dataset_stats=meta.stats)
     optimizer = policy.config.get_optimizer_preset().build(policy.get_optim_params())
     scheduler = policy.config.get_scheduler_preset().build(optimizer, steps)
-    if last.exists():
+    if last is not None:
         state = torch.load(last / STATE_FILE, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
-        logger.info("resuming from %s (step %d)", last.resolve(), start)
+        logger.info("resuming from %s (step %d)", last, start)
     if start >= steps:
         logger.info("%s already reached step %d", out, start)
         return

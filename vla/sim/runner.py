@@ -119,7 +119,6 @@ def _worker_main(worker: WorkerFactory, jobs: list[Job], next_index, current, sl
     _share_cores(threads)
     try:
         runner = worker()
-        _share_cores(threads)  # building the worker may have imported torch (a policy) after the first call
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which stops the run
         results.put(("start_error", slot, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         return
