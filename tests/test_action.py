@@ -169,7 +169,8 @@ def test_cached_sampling_equals_uncached(layers, kind):
     assert len(head.expert_cache) == 0
     cached = head.sample(*sample_args(batch), noise=noise, use_expert_cache=True)
     n_nm, n_as = layers.split(",").count("nm"), layers.split(",").count("as")
-    assert len(head.expert_cache) == n_nm * 4 + n_as * 2  # 4 denoising steps, 2 embodiments
+    # per denoising step (4) one noise conditioning and one fused MLP per nm layer; per embodiment (2) one per as layer
+    assert len(head.expert_cache) == 4 + n_nm * 4 + n_as * 2
     torch.testing.assert_close(cached.actions, uncached.actions, rtol=0, atol=1e-5)
     again = head.sample(*sample_args(batch), noise=noise)  # served entirely from the cache
     torch.testing.assert_close(again.actions, uncached.actions, rtol=0, atol=1e-5)

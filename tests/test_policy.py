@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,29 @@ def test_mismatched_config_lists_every_problem(saved):
         VLAPolicy.from_pretrained(saved)
     text = str(e.value)
     assert "shape mismatches" in text and "checkpoint (32" in text and "model (48" in text
+
+
+def test_inference_settings_change_on_load_and_shape_changes_fail(saved, debug_policy):
+    """`from_pretrained(overrides=...)` changes inference settings on the same weights; an override that changes a
+    weight shape is reported like any mismatched checkpoint, and an unknown key names the option."""
+    from vla.config import ConfigError
+    from vla.sim.policies import CheckpointPolicy
+
+    loaded = VLAPolicy.from_pretrained(saved, overrides={"objective.num_inference_steps": "2",
+                                                         "action.n_action_steps": "1"})
+    assert loaded.config.objective.num_inference_steps == 2 and loaded.config.action.n_action_steps == 1
+    for name, value in debug_policy.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    loaded.reset()
+    loaded.select_action(raw_observation(2))
+    assert loaded.needs_observation()  # one action per chunk now
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        VLAPolicy.from_pretrained(saved, overrides={"action.chunk_size": "5"})
+    with pytest.raises(ConfigError, match="unknown option --action.moh.dynamc"):
+        VLAPolicy.from_pretrained(saved, overrides={"action.moh.dynamc": "true"})
+    source = pickle.loads(pickle.dumps(CheckpointPolicy(str(saved), (("action.n_action_steps", "1"),))))
+    assert source().config.action.n_action_steps == 1
+    assert source.identity()["overrides"] == {"action.n_action_steps": "1"} and source.identity()["sha256"]
 
 
 def test_missing_and_unexpected_keys_are_listed(saved):

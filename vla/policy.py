@@ -32,7 +32,7 @@ from torch import nn
 from vla.action.head import ActionHead
 from vla.backbones import make_backbone
 from vla.backbones.prefix import Prefix
-from vla.config import VLAConfig
+from vla.config import VLAConfig, apply_overrides
 from vla.constants import (
     ACTION,
     ACTION_IS_PAD,
@@ -228,8 +228,13 @@ class VLAPolicy(nn.Module):
         map_location: str | torch.device = "cpu",
         strict: bool = True,
         revision: str | None = None,
+        overrides: Mapping[str, str] | None = None,
     ) -> VLAPolicy:
         """Load a checkpoint from a local directory or a Hugging Face Hub repo id, in eval mode.
+
+        `overrides` sets dotted config fields before the model is built, as strings like the command line
+        (`{"action.moh.dynamic": "true", "objective.num_inference_steps": "10"}`): inference settings that leave
+        the weights as they are. One that changes a weight shape fails like any mismatched checkpoint.
 
         Raises CheckpointError naming the problem: no such directory, pickle-only weights (refused: unsafe),
         corrupt files, or weights that do not match the model the config builds (missing/unexpected keys,
@@ -240,6 +245,8 @@ class VLAPolicy(nn.Module):
             config = VLAConfig.from_json(directory / CONFIG_NAME)
         except (ValueError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{directory / CONFIG_NAME} is not a valid vla config: {e}") from e
+        if overrides:
+            config = apply_overrides(config, dict(overrides))
         registry = EmbodimentRegistry.load(directory)
         normalizer = Normalizer.load(directory) if Normalizer.exists(directory) else None
         policy = cls(config, registry=registry, normalizer=normalizer, checkpoint_dir=directory)

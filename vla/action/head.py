@@ -199,8 +199,10 @@ class ActionHead(nn.Module):
         fusion = estimates = None
         for i, t in enumerate(sched.timesteps):
             x_in, level = self.objective.model_input(sched, x, t, i)
-            out = self.transformer(x_in, level.reshape(()).expand(b), cond, layout, cache=cache,
-                                   step_key=(self.objective.kind, float(level)))
+            level = level.reshape(()).expand(b)
+            plan = None if cache is None else self.transformer.plan_step(level, (self.objective.kind, float(level[0])),
+                                                                         cond, cache)
+            out = self.transformer(x_in, level, cond, layout, plan=plan)
             fusion = self.horizons.fuse(out.hidden, out.pred)
             if moh:
                 estimates = self.objective.denoised(sched, x[:, None], fusion.per_horizon, i)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 ROUTED_KINDS = ("as", "hb", "nm")
+T = TypeVar("T")
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -136,13 +138,15 @@ class FusedMLP:
     steps), while k dense matmuls on views stream exactly the same bytes as one matmul on their concatenation.
 
     Attributes:
-        w_in: k views (F, D); w_out: k views (D, F); weights: (k,) router weights; experts: (k,) expert ids.
+        w_in: k views (F, D); w_out: k views (D, F); weights: (k,) router weights; experts: (k,) expert ids;
+        hits: (1, E) long, the decision as one sample's expert counts (for `RouterRecord.counts`).
     """
 
     w_in: tuple[Tensor, ...]
     w_out: tuple[Tensor, ...]
     weights: Tensor
     experts: Tensor
+    hits: Tensor
 
     def __call__(self, x: Tensor) -> Tensor:
         y = None
@@ -182,8 +186,11 @@ class ExpertBank(nn.Module):
     def fuse(self, experts: Tensor, weights: Tensor) -> FusedMLP:
         """Freeze experts (k,) with router weights (k,) into a `FusedMLP` over views of this bank."""
         ids = experts.tolist()
+        hits = torch.zeros(1, self.num_experts, dtype=torch.long, device=experts.device)
+        hits[0, experts] = 1
         return FusedMLP(w_in=tuple(self.w_in[e].detach() for e in ids),
-                        w_out=tuple(self.w_out[e].detach() for e in ids), weights=weights.detach(), experts=experts)
+                        w_out=tuple(self.w_out[e].detach() for e in ids), weights=weights.detach(), experts=experts,
+                        hits=hits)
 
 
 # ---- routed layers ---------------------------------------------------------------------------------------------
@@ -196,16 +203,34 @@ class RouteContext:
     Attributes:
         cond: (B, D) noise-level embedding (the `nm` router input).
         descriptor: (B, A) float action-space descriptor (the `as` router input).
-        cache: the expert cache to serve token-independent layers from, or None for the general (training) path.
-        step_key: hashable noise-level key when every sample shares the noise level (a denoising step), else None.
-        groups: the batch's distinct descriptors, for cached `as` layers.
     """
 
     cond: Tensor
     descriptor: Tensor
-    cache: ExpertCache | None = None
-    step_key: Hashable | None = None
-    groups: DescriptorGroups | None = None
+
+
+@dataclass
+class FusedLayer:
+    """A token-independent layer's routing for a whole batch, known ahead: one `FusedMLP` per distinct decision.
+
+    Attributes:
+        per_group: the fused experts of each group of samples (one group: every sample routes the same way).
+        inverse: (B,) long, the group of each sample; None when there is one group.
+    """
+
+    per_group: list[FusedMLP]
+    inverse: Tensor | None = None
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, T, D) -> the layer output (B, T, D) and the decision as expert counts (B, E)."""
+        if self.inverse is None:
+            fused = self.per_group[0]
+            return fused(x), fused.hits.expand(x.shape[0], -1)
+        y = torch.empty_like(x)
+        for u, fused in enumerate(self.per_group):  # a loop over the batch's distinct embodiments, never tokens
+            rows = (self.inverse == u).nonzero().squeeze(1)
+            y = y.index_copy(0, rows, fused(x.index_select(0, rows)))
+        return y, torch.cat([f.hits for f in self.per_group]).index_select(0, self.inverse)
 
 
 @dataclass
@@ -277,8 +302,9 @@ class SampleRoutedMoE(nn.Module):
     """`as` / `nm`: one routing decision per sample from a token-independent input (descriptor or noise embedding).
 
     The general forward expands the sample's decision to its tokens and runs the shared sorted dispatch, computing
-    only the selected experts. With a `RouteContext.cache` (eval mode) it serves a `FusedMLP` per (layer, step) for
-    `nm` and per (layer, descriptor) for `as`, built on first use.
+    only the selected experts. At inference `plan` decides the routing of a denoising step ahead from the
+    `ExpertCache` (a `FusedMLP` per (layer, step) for `nm`, per (layer, descriptor) for `as`) and the forward
+    runs the fused experts it is handed.
     """
 
     def __init__(self, kind: str, layer: int, width: int, hidden: int, num_experts: int, top_k: int,
@@ -293,12 +319,12 @@ class SampleRoutedMoE(nn.Module):
     def route_input(self, ctx: RouteContext) -> Tensor:
         return ctx.descriptor if self.kind == "as" else ctx.cond
 
-    def forward(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, RouterRecord]:
-        """x: (B, T, D) -> (B, T, D)."""
-        if ctx.cache is not None:
-            served = self._cached(x, ctx)
-            if served is not None:
-                return served
+    def forward(self, x: Tensor, ctx: RouteContext, fused: FusedLayer | None = None
+                ) -> tuple[Tensor, RouterRecord]:
+        """x: (B, T, D) -> (B, T, D); with `fused` (from `plan`) the routing is already decided."""
+        if fused is not None:
+            y, hits = fused(x)
+            return y, RouterRecord(self.layer, self.kind, None, hits)
         b, t, _ = x.shape
         routing = self.router(self.route_input(ctx))
         index = repeat(routing.index, "b k -> (b t) k", t=t)
@@ -316,30 +342,18 @@ class SampleRoutedMoE(nn.Module):
         routing = self.router(route_row)
         return self.experts.fuse(routing.index[0], routing.weights[0])
 
-    def _cached(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, RouterRecord] | None:
-        cache = ctx.cache
+    def plan(self, cache: ExpertCache, step_key: Hashable, noise_embedding: Tensor, groups: DescriptorGroups
+             ) -> FusedLayer:
+        """This layer's routing for a denoising step whose samples share the noise level, from the cache (built on
+        first use): keyed by (layer, step) for `nm`, by (layer, descriptor) for `as`.
+
+        noise_embedding: (1, D) the step's noise-level embedding; groups: the batch's distinct descriptors.
+        """
         if self.kind == "nm":
-            if ctx.step_key is None:  # samples at different noise levels: no single fused MLP
-                return None
-            fused = cache.get((self.layer, ctx.step_key), lambda: self.fused(ctx.cond[:1]))
-            index = fused.experts.expand(x.shape[0], -1)
-            return fused(x), RouterRecord(self.layer, self.kind, None, self._counts(index))
-        groups = ctx.groups
-        if groups is None:
-            return None
-        per_group = [
-            cache.get((self.layer, key), lambda u=u: self.fused(groups.unique[u: u + 1]))
-            for u, key in enumerate(groups.keys)
-        ]
-        if len(per_group) == 1:
-            y = per_group[0](x)
-        else:  # a loop over the batch's distinct embodiments, never over tokens
-            y = torch.empty_like(x)
-            for u, fused in enumerate(per_group):
-                rows = (groups.inverse == u).nonzero().squeeze(1)
-                y = y.index_copy(0, rows, fused(x.index_select(0, rows)))
-        index = torch.stack([f.experts for f in per_group]).index_select(0, groups.inverse)
-        return y, RouterRecord(self.layer, self.kind, None, self._counts(index))
+            return FusedLayer([cache.get((self.layer, step_key), lambda: self.fused(noise_embedding[:1]))])
+        per_group = [cache.get((self.layer, key), lambda u=u: self.fused(groups.unique[u: u + 1]))
+                     for u, key in enumerate(groups.keys)]
+        return FusedLayer(per_group, None if len(per_group) == 1 else groups.inverse)
 
 
 # ---- expert cache ----------------------------------------------------------------------------------------------
@@ -349,7 +363,9 @@ class ExpertCache:
     """Frozen routing decisions of token-independent layers, valid for exactly one state of the weights.
 
     Entries are keyed by (layer, routing key): the noise-level value of a denoising step for `nm`, the descriptor
-    string for `as`. They hold views of the expert weights, so the cache costs no weight memory.
+    string for `as`. They hold views of the expert weights, so the cache costs no weight memory. The transformer
+    also keeps here what else depends on the denoising step alone (its noise-level embedding and per-layer
+    attention shifts, keyed by ("noise", step key)): the same validity rule applies to both.
 
     `validate(module)` compares a signature of every parameter (storage pointer and in-place version counter) with
     the one the entries were built for and drops them on any difference: optimiser steps, `load_state_dict`,
@@ -358,7 +374,7 @@ class ExpertCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Hashable, FusedMLP] = {}
+        self._entries: dict[Hashable, Any] = {}
         self._signature: tuple | None = None
 
     @staticmethod
@@ -371,7 +387,7 @@ class ExpertCache:
             self.clear()
             self._signature = sig
 
-    def get(self, key: Hashable, build: Callable[[], FusedMLP]) -> FusedMLP:
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = build()

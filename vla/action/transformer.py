@@ -31,6 +31,7 @@ from vla.action.moe import (
     DescriptorGroups,
     ExpertBank,
     ExpertCache,
+    FusedLayer,
     RouteContext,
     RouterRecord,
     SampleRoutedMoE,
@@ -67,12 +68,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, prefix_kv: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
         """x: (B, T, D); mask: (B, 1, T, P + T) bool (True = may attend) -> (B, T, D)."""
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        # "b t (three h d) -> three b h t d" as a view: this runs layers x denoising steps times per chunk, where
+        # einops' per-call overhead is a measurable share of a batch-1 step on CPU.
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
         v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(rearrange(out, "b h t d -> b t (h d)"))
+        return self.proj(out.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
@@ -100,20 +103,27 @@ class Block(nn.Module):
                                        route_dim=d, jitter=cfg.router_jitter)
         else:
             raise ValueError(f"unknown layer kind '{kind}'; known kinds are d, as, hb, nm")
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, prefix_kv: tuple[Tensor, Tensor], mask: Tensor, ctx: RouteContext
-                ) -> tuple[Tensor, RouterRecord | None]:
+    def forward(self, x: Tensor, prefix_kv: tuple[Tensor, Tensor], mask: Tensor, ctx: RouteContext,
+                shift: Tensor | None, fused: FusedLayer | None = None) -> tuple[Tensor, RouterRecord | None]:
+        """shift: (B, 1, D) this layer's noise-level attention shift W_l phi(sigma), or None; fused: the planned
+        routing of an `as`/`nm` FFN (inference), or None to route here."""
         h = self.norm1(x)
-        if self.noise_proj is not None:
-            h = h + self.noise_proj(ctx.cond)[:, None, :]
-        x = x + self.drop(self.attn(h, prefix_kv, mask))
+        if shift is not None:
+            h = h + shift
+        x = x + self._drop(self.attn(h, prefix_kv, mask))
         h = self.norm2(x)
         if self.kind == "d":
             y, record = self.ffn(h), None
+        elif fused is not None:
+            y, record = self.ffn(h, ctx, fused)
         else:
             y, record = self.ffn(h, ctx)
-        return x + self.drop(y), record
+        return x + self._drop(y), record
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
 
 @dataclass
@@ -132,6 +142,7 @@ class Conditioning:
     state_token: Tensor
     descriptor: Tensor
     _groups: DescriptorGroups | None = None
+    _mask: tuple[HorizonLayout, Tensor] | None = None
 
     @property
     def groups(self) -> DescriptorGroups:
@@ -139,6 +150,47 @@ class Conditioning:
         if self._groups is None:
             self._groups = DescriptorGroups.of(self.descriptor)
         return self._groups
+
+    def attention_mask(self, layout: HorizonLayout) -> Tensor:
+        """(B, 1, T, P + T) bool: [prefix mask | the layout's own-token mask] for every own token; built once per
+        observation and layout, reused at every denoising step."""
+        if self._mask is None or self._mask[0] is not layout:
+            b, t = self.prefix_mask.shape[0], layout.num_tokens
+            mask = torch.cat([self.prefix_mask[:, None, None, :].expand(b, 1, t, -1),
+                              layout.self_mask[None, None].expand(b, 1, t, t)], dim=-1)
+            self._mask = (layout, mask)
+        return self._mask[1]
+
+
+@dataclass
+class NoiseConditioning:
+    """What the noise level alone contributes to a forward: the same for every observation at one denoising step,
+    so sampling with the expert cache computes it once per step and weights.
+
+    Attributes:
+        embedding: (B, D) noise-level embedding (the noise token, the `nm` router input).
+        shifts: per layer, the (B, 1, D) attention-input shift W_l phi(sigma), or None without
+            noise-conditioned attention.
+    """
+
+    embedding: Tensor
+    shifts: list[Tensor | None]
+
+    def expand(self, batch: int) -> NoiseConditioning:
+        """Broadcast a batch-1 conditioning to `batch` samples (views, no copies)."""
+        return NoiseConditioning(self.embedding.expand(batch, -1),
+                                 [None if s is None else s.expand(batch, -1, -1) for s in self.shifts])
+
+
+@dataclass
+class StepPlan:
+    """One denoising step decided ahead (inference, every sample at the same noise level): the step's noise
+    conditioning (batch 1) and, per layer, the fused experts of `as`/`nm` layers (None for `d`/`hb`, which
+    route per token). Built from the `ExpertCache` by `ActionTransformer.plan_step`; a forward given a plan does
+    no cache lookups and no token-independent routing, so the same code serves every step."""
+
+    noise: NoiseConditioning
+    layers: list[FusedLayer | None]
 
 
 @dataclass
@@ -210,8 +262,24 @@ class ActionTransformer(nn.Module):
                             descriptor=descriptor)
 
     # ---- per denoising step ----
+    def noise_conditioning(self, level: Tensor) -> NoiseConditioning:
+        """(B,) noise levels -> the noise-level embedding and every layer's attention shift."""
+        emb = self.noise_mlp(sinusoidal_embedding(level, self.cfg.width).to(self.action_in.weight.dtype))
+        shifts = [None if blk.noise_proj is None else blk.noise_proj(emb)[:, None, :] for blk in self.blocks]
+        return NoiseConditioning(emb, shifts)
+
+    def plan_step(self, level: Tensor, step_key: Hashable, cond: Conditioning, cache: ExpertCache) -> StepPlan:
+        """Decide a denoising step ahead from the cache (entries are built on first use).
+
+        level: (B,) the step's noise level (the same for every sample); step_key: a hashable key of that level.
+        """
+        noise = cache.get(("noise", step_key), lambda: self.noise_conditioning(level[:1]))
+        layers = [block.ffn.plan(cache, step_key, noise.embedding, cond.groups) if block.kind in ("as", "nm")
+                  else None for block in self.blocks]
+        return StepPlan(noise, layers)
+
     def forward(self, noisy: Tensor, level: Tensor, cond: Conditioning, layout: HorizonLayout, *,
-                cache: ExpertCache | None = None, step_key: Hashable | None = None) -> TransformerOutput:
+                plan: StepPlan | None = None) -> TransformerOutput:
         """One pass over every horizon of `layout`.
 
         Args:
@@ -219,25 +287,23 @@ class ActionTransformer(nn.Module):
             level: (B,) noise-level conditioning (flow t or EDM c_noise).
             cond: from `condition`.
             layout: the packed horizons.
-            cache: serve `as`/`nm` layers from fused experts (eval only); step_key: the shared noise-level key.
+            plan: the step decided ahead (`plan_step`, inference): its noise conditioning and fused experts.
         Returns:
             TransformerOutput over the N = sum(horizons) packed action tokens.
         """
         b, dtype = noisy.shape[0], self.action_in.weight.dtype
         noisy = noisy.to(dtype)
-        noise_emb = self.noise_mlp(sinusoidal_embedding(level, self.cfg.width).to(dtype))
+        noise = self.noise_conditioning(level) if plan is None else plan.noise.expand(b)
+        fused = [None] * self.depth if plan is None else plan.layers
         actions = (noisy * cond.descriptor[:, None, :]).index_select(1, layout.position)
         action_tokens = self.action_in(actions) + self.action_pos.index_select(0, layout.position)
-        noise_tok = (noise_emb + self.noise_token)[:, None, :]
+        noise_tok = (noise.embedding + self.noise_token)[:, None, :]
         x = torch.cat([cond.state_token, noise_tok, action_tokens], dim=1)
-        t = x.shape[1]
-        mask = torch.cat([cond.prefix_mask[:, None, None, :].expand(b, 1, t, -1),
-                          layout.self_mask[None, None].expand(b, 1, t, t)], dim=-1)
-        ctx = RouteContext(cond=noise_emb, descriptor=cond.descriptor, cache=cache, step_key=step_key,
-                           groups=cond.groups if cache is not None else None)
+        mask = cond.attention_mask(layout)
+        ctx = RouteContext(cond=noise.embedding, descriptor=cond.descriptor)
         records = []
-        for block, kv in zip(self.blocks, cond.prefix_kv, strict=True):
-            x, record = block(x, kv, mask, ctx)
+        for block, kv, shift, layer in zip(self.blocks, cond.prefix_kv, noise.shifts, fused, strict=True):
+            x, record = block(x, kv, mask, ctx, shift, layer)
             if record is not None:
                 records.append(record)
         hidden = self.norm_out(x[:, NUM_CONTEXT_TOKENS:])

@@ -43,6 +43,7 @@ from vla.config import ConfigError, EvalConfig
 from vla.sim import results as R
 from vla.sim.policies import (
     RANDOM_POLICY,
+    CheckpointPolicy,
     PolicyError,
     PolicySource,
     as_action,
@@ -52,6 +53,7 @@ from vla.sim.policies import (
     inference_context,
     load_policy,
     needs_observation,
+    parse_overrides,
     seed_everything,
 )
 from vla.sim.runner import run_jobs
@@ -487,11 +489,13 @@ def summarize(records: Sequence[dict[str, Any]], task_ids: Sequence[int], suite:
     n = sum(t["episodes"] for t in tasks)
     successes = sum(t["successes"] for t in tasks)
     walls = [r["wall_time_s"] for r in records if r.get("wall_time_s")]
+    queries = sum(r.get("policy_queries", 0) for r in records)
     times = {k: sum(r.get("time_s", {}).get(k, 0.0) for r in records) for k in ("reset", "sim", "render", "policy")}
     return {
         "episodes": n, "successes": successes, "success_rate": R.rate(successes, n),
         "errors": sum(t["errors"] for t in tasks), "mean_episode_wall_time_s": float(np.mean(walls)) if walls else 0.0,
-        "time_share": {k: R.rate(v, sum(times.values())) for k, v in times.items()}, "tasks": tasks,
+        "time_share": {k: R.rate(v, sum(times.values())) for k, v in times.items()},
+        "actions_per_query": R.rate(sum(r.get("steps", 0) for r in records), queries), "tasks": tasks,
     }
 
 
@@ -528,7 +532,8 @@ def libero_markdown(results: dict[str, Any]) -> str:
         (f"- {p['episodes_per_task']} episodes per task from the fixed init states, {p['max_steps']} policy steps "
          f"after {p['settle_steps']} settle steps, {p['reset']} resets, seed {p['seed']}, {p['image_size']} px cameras"),
         "- time share: " + ", ".join(f"{k} {v:.0%}" for k, v in s["time_share"].items())
-        + f"; {s['mean_episode_wall_time_s']:.1f} s per episode",
+        + f"; {s['mean_episode_wall_time_s']:.1f} s per episode; {s['actions_per_query']:.1f} actions executed per "
+          "policy query",
         "",
     ]
     rows = [["**average**", "", f"**{s['success_rate']:.1%}**", s["episodes"], s["errors"]]]
@@ -564,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "resizes to its own input size)")
     parser.add_argument("--replan-steps", type=int, default=None,
                         help="0 = the policy's own action queue (default); k = execute k actions of each predicted chunk")
+    parser.add_argument("--policy-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change an inference setting of the checkpoint's config (repeatable), e.g. "
+                             "action.moh.dynamic=true, action.moh.agreement_threshold=0.2, "
+                             "objective.num_inference_steps=10; recorded with the results")
     parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default 0 = the suite's official budget)")
     parser.add_argument("--videos", type=int, default=None, help=f"videos of the first k episodes per task (default {d.videos_per_task})")
     parser.add_argument("--no-failure-videos", action="store_true", help="do not save videos of failed episodes")
@@ -602,6 +611,17 @@ def checkpoint_eval_defaults(policy: str | None) -> EvalConfig:
     except (ConfigError, ValueError, TypeError) as e:
         logger.warning("ignoring eval defaults of %s: %s", path, e)
         return EvalConfig()
+
+
+def checkpoint_with_settings(policy: str, items: Sequence[str]) -> CheckpointPolicy:
+    """`--policy-set` items checked against the checkpoint's config here, before any simulator starts, so a
+    misspelt key or a bad value is one clear error (ConfigError / ValueError) and not one per worker."""
+    from vla.config import VLAConfig, apply_overrides
+    from vla.training.checkpoint import CONFIG_NAME, resolve_pretrained
+
+    source = CheckpointPolicy(str(policy), parse_overrides(items))
+    apply_overrides(VLAConfig.from_json(resolve_pretrained(policy) / CONFIG_NAME), dict(source.overrides))
+    return source
 
 
 def config_from_args(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
@@ -653,6 +673,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         parser.error(str(e))
     if args.out is None and args.policy == RANDOM_POLICY:
         parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
+    source: PolicySource = args.policy
+    if args.policy_set:
+        if args.policy == RANDOM_POLICY:
+            parser.error("--policy-set changes a checkpoint's settings; --policy random has none")
+        try:
+            source = checkpoint_with_settings(args.policy, args.policy_set)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
 
     all_results = {}
     for suite in suites:
@@ -662,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
             out = Path(args.out) / suite if len(suites) > 1 else Path(args.out)
         try:
             all_results[suite] = evaluate_libero(
-                args.policy, dataclasses.replace(cfg, suite=suite), out, resume=args.resume,
+                source, dataclasses.replace(cfg, suite=suite), out, resume=args.resume,
                 overwrite=args.overwrite, progress=not args.no_progress,
             )
         except (FileExistsError, FileNotFoundError, ValueError) as e:

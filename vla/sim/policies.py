@@ -14,15 +14,17 @@ Observations use the vla batch keys (`vla.constants`): `observation.images.<came
 `observation.state` float32 (state_dim,), `task` (str), `embodiment` (str).
 
 A *policy source* is what an evaluation is given: a checkpoint directory (loaded with
-`vla.policy.VLAPolicy.from_pretrained` in every worker), a policy object (pickled into each worker when there
-are several), a picklable zero-argument factory returning a policy, or the string "random".
+`vla.policy.VLAPolicy.from_pretrained` in every worker), a `CheckpointPolicy` (the same with inference settings
+changed), a policy object (pickled into each worker when there are several), a picklable zero-argument factory
+returning a policy, or the string "random".
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,6 +70,40 @@ class RandomPolicy:
         action = np.random.uniform(-1.0, 1.0, self.action_dim).astype(np.float32)
         action[-1] = 1.0 if action[-1] > 0 else -1.0
         return action
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """A checkpoint evaluated with some inference settings changed, loaded in every worker: e.g. Mixture-of-Horizons
+    dynamic execution, its agreement threshold or the number of denoising steps, on the same weights.
+
+    overrides: (dotted config field, value string) pairs for `VLAPolicy.from_pretrained(overrides=...)`.
+    """
+
+    path: str
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self) -> Policy:
+        from vla.policy import VLAPolicy
+
+        return VLAPolicy.from_pretrained(self.path, overrides=dict(self.overrides))
+
+    def identity(self) -> dict[str, Any]:
+        """What the results record: the checkpoint (hashed like a plain directory) and the changed settings."""
+        from vla.sim.results import policy_identity
+
+        return {**policy_identity(self.path), "overrides": dict(self.overrides)}
+
+
+def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """["action.moh.dynamic=true", ...] -> (("action.moh.dynamic", "true"), ...); ValueError names a bad item."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--policy-set expects KEY=VALUE (e.g. action.moh.dynamic=true), got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
 
 
 def load_policy(source: PolicySource, *, action_dim: int = 7) -> Policy:

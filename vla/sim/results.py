@@ -173,7 +173,10 @@ def hash_directory(path: str | Path, *, exclude_dirs: Sequence[str] = ("eval",))
 
 
 def policy_identity(policy_source: Any) -> dict[str, Any]:
-    """How the results name the evaluated policy: checkpoint path + content hash, or the object's class."""
+    """How the results name the evaluated policy: checkpoint path + content hash, or the object's class; a source
+    with an `identity()` method (`CheckpointPolicy`) names itself."""
+    if callable(getattr(policy_source, "identity", None)):
+        return policy_source.identity()
     if isinstance(policy_source, str) and not Path(policy_source).exists() and "/" not in policy_source:
         return {"checkpoint": None, "sha256": None, "object": policy_source}  # a named policy, e.g. "random"
     if isinstance(policy_source, (str, Path)):
