@@ -12,13 +12,16 @@ they run. The arms:
     panda+ur5e   the preset on LIBERO Panda + robosuite UR5e (`datasets/mixtures/libero_ur5e.yaml`); the table
                  gives its LIBERO success next to `tiny-cpu`'s, and `routing_panda+ur5e.png` plots the expert
                  usage of each routed layer per embodiment at the end of training
+    moh          chunk 20 read at horizons 5,10,15,20 (Mixture of Horizons), evaluated twice: dynamic execution (as
+                 many actions per chunk as the horizons agree on) and a fixed 5 actions per chunk; the row gives
+                 both success rates and the actions executed per policy query
     lerobot-diffusion  lerobot's Diffusion Policy on the same dataset, same steps and batch size
                  (`bench/lerobot_diffusion.py`: lerobot's own dataset, model, optimizer and normalization)
 
 Reported per arm: final training loss (mean of the last 10% of logged intervals; each objective has its own
 scale), training steps/s, parameters (the action head's total and active per token for ours, the whole model for
 lerobot's), predicted actions/s at inference (batch 1, one chunk from a fresh observation, this process's
-threads), success rate and episodes. At the full size each arm is ~65 minutes of
+threads), success rate and episodes, actions executed per policy query. At the full size each arm is ~65 minutes of
 training and ~8 of evaluation on 2 cores, so the runs live in `checkpoints/bench-learning/<arm>/` (which `make
 clean` leaves alone) and resume: training continues from its last checkpoint and evaluation from its episode log,
 so an interrupted `make bench` picks up where it stopped. `--quick` is a smoke run of the same pipeline (2
@@ -54,11 +57,19 @@ UR5E_CAMERAS = "{frontview: base, robot0_eye_in_hand: wrist}"
 
 @dataclass(frozen=True)
 class Arm:
+    """One arm: train.py overrides on the tiny-cpu preset, and its evaluations (output directory -> extra
+    eval/libero.py flags); the first evaluation is the arm's headline success."""
+
     name: str
     what: str
     overrides: tuple[str, ...] = ()
     two_embodiments: bool = False
     lerobot: bool = False
+    evals: tuple[tuple[str, tuple[str, ...]], ...] = (("eval", ()),)
+
+
+MOH_THRESHOLD = "0.1"
+"""Mixture-of-Horizons agreement threshold of the `moh` arm's dynamic evaluation (normalized action units)."""
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
@@ -70,6 +81,11 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("mode", "MoDE pattern nm x 6: 4 x 512 top-2", ("--action.layers", "nm,nm,nm,nm,nm,nm")),
     Arm("dense", "dense d x 6, FFN 1024 (the MoE arms' active width)", ("--action.layers", "d,d,d,d,d,d")),
     Arm("panda+ur5e", "the preset on LIBERO Panda + robosuite UR5e (2:1)", two_embodiments=True),
+    Arm("moh", "the preset with chunk 20 read at horizons 5,10,15,20 (Mixture of Horizons); evaluated with dynamic "
+        "execution and with a fixed 5 actions per chunk",
+        ("--action.chunk_size", "20", "--action.moh.horizons", "5,10,15,20", "--action.moh.dynamic", "true"),
+        evals=(("eval", ("--policy-set", f"action.moh.agreement_threshold={MOH_THRESHOLD}")),
+               ("eval-fixed5", ("--replan-steps", "5")))),
     Arm("lerobot-diffusion", "lerobot DiffusionPolicy (ResNet-18, U-Net 256-512-1024, DDIM 10 steps), same steps "
         "and batch", lerobot=True),
 )}
@@ -168,9 +184,10 @@ def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
            "--train.output_dir", str(plan.work), "--train.resume", "true", *plan.train_args, *arm.overrides],
           run_dir / "bench.log")
     again = "--resume" if read_last(run_dir) == before else "--overwrite"
-    stage([py, "eval/libero.py", "--policy", str(run_dir / LAST), "--suite", "libero_object", "--tasks", "0",
-           "--workers", str(plan.workers), "--out", str(run_dir / "eval"), again, *plan.eval_args],
-          run_dir / "bench.log")
+    for out, flags in arm.evals:
+        stage([py, "eval/libero.py", "--policy", str(run_dir / LAST), "--suite", "libero_object", "--tasks", "0",
+               "--workers", str(plan.workers), "--out", str(run_dir / out), again, *plan.eval_args, *flags],
+              run_dir / "bench.log")
     return run_dir
 
 
@@ -277,7 +294,7 @@ def summarize(plan: Plan, arm: Arm) -> dict:
     tail = losses[-max(1, len(losses) // 10):]
     rates = sorted(rates)
     chunks_per_s, chunk = inference_rate(run_dir, arm)
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    results = json.loads((run_dir / arm.evals[0][0] / "results.json").read_text())
     summary = results["summary"]
     figures = {
         "final_loss": round(sum(v for _, v in tail) / len(tail), 4) if tail else None,
@@ -289,6 +306,11 @@ def summarize(plan: Plan, arm: Arm) -> dict:
     }
     if arm.two_embodiments:
         figures["routing_png"] = plot_routing(tb, plan.work / f"routing_{arm.name}.png")
+    figures["actions_per_query"] = round(summary["actions_per_query"], 2)
+    for out, _ in arm.evals[1:]:
+        other = json.loads((run_dir / out / "results.json").read_text())["summary"]
+        figures[f"{out}_success"] = round(other["success_rate"], 3)
+        figures[f"{out}_actions_per_query"] = round(other["actions_per_query"], 2)
     return {
         "benchmark": f"learning: {arm.name}",
         "metric": "LIBERO-Object task 0 success (official init states)",

@@ -12,6 +12,9 @@ Token layout (see horizons.py for the packing of several horizons):
 - The noise level reaches the net three ways: the noise token, the `nm` routers (which see only its embedding) and,
   with `noise_conditioned_attention`, the attention input of every layer: x + Attn(norm(x) + W_l phi(sigma)) (MoDE).
 - Each layer's FFN is chosen by `ActionConfig.layers`: `d` dense, `as`/`hb`/`nm` routed (moe.py).
+- At inference every sample of a denoising step shares its noise level, so whatever depends on the level alone
+  (the noise embedding, each layer's attention shift, the fused experts of `as`/`nm` layers) is computed once per
+  step and set of weights and kept in the `ExpertCache`; `plan_step` hands it to the forward as a `StepPlan`.
 """
 
 from __future__ import annotations
