@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from vla.training.checkpoint import LAST, read_last, resolve_pretrained  # noqa: E402 - the layout train.py writes
+from vla.training.layout import LAST, read_last, resolve_pretrained  # noqa: E402 - the layout train.py writes
 
 LIBERO_DATA = "datasets/local/libero_object_task0"
 UR5E_DATA = "datasets/local/robosuite_ur5e_lift"

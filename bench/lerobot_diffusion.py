@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from vla.config import EvalConfig  # noqa: E402
 from vla.constants import OBS_STATE, image_key  # noqa: E402
-from vla.training.checkpoint import checkpoint_name, point_last_to, read_last  # noqa: E402
+from vla.training.layout import checkpoint_name, point_last_to, read_last  # noqa: E402
 
 logger = logging.getLogger("lerobot_diffusion")
 CAMERAS = {"agentview": "base", "wrist": "wrist"}  # dataset camera -> our canonical camera (as in the mixtures)

@@ -28,7 +28,9 @@ from vla.data.mixture import MixtureLoader, _identity
 from vla.data.sampler import MixtureSampler
 from vla.training import TrainingDiverged, fit
 from vla.training import checkpoint as ckpt_mod
-from vla.training.checkpoint import (
+from vla.training.ema import EMA
+from vla.training.finetune import freeze_routers, load_matching
+from vla.training.layout import (
     LAST,
     PRETRAINED_DIR,
     TRAINING_STATE_DIR,
@@ -37,8 +39,6 @@ from vla.training.checkpoint import (
     resolve_checkpoint,
     resolve_pretrained,
 )
-from vla.training.ema import EMA
-from vla.training.finetune import freeze_routers, load_matching
 from vla.training.loop import make_accelerator, resume_checkpoint
 from vla.training.optim import make_optimizer, make_scheduler
 

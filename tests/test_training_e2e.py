@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from vla.config import get_preset
 from vla.policy import VLAPolicy
 from vla.training import TrainingDiverged, train
-from vla.training.checkpoint import PRETRAINED_DIR, TRAINING_STATE_DIR, list_checkpoints, read_last
+from vla.training.layout import PRETRAINED_DIR, TRAINING_STATE_DIR, list_checkpoints, read_last
 
 REPO = Path(__file__).resolve().parents[1]
 

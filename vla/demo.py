@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from vla.training.layout import LAST, read_last
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,13 +58,6 @@ def run_stage(title: str, cmd: list[str], *, cwd: Path) -> float:
     if result.returncode != 0:
         raise SystemExit(f"demo: stage '{title}' failed (exit {result.returncode}); fix the error above and re-run")
     return time.perf_counter() - start
-
-
-def _resolved(path: Path) -> str:
-    """Where `last` points (a symlink or a one-line pointer file), or "" before the first checkpoint."""
-    if path.is_symlink() or path.is_dir():
-        return str(path.resolve())
-    return path.read_text().strip() if path.is_file() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         train_cmd += ["--train.warmup_steps", "5", "--data.num_workers", "0", "--data.batch_size", "4",
                       "--train.log_every", "2"]
-    before = _resolved(run_dir / "last")
+    before = read_last(run_dir)
     timings["training"] = run_stage("2/3 training", train_cmd + list(args.overrides), cwd=root)
     # a new checkpoint invalidates earlier evaluation results; an unchanged one lets an interrupted eval resume
-    continue_flag = "--resume" if _resolved(run_dir / "last") == before else "--overwrite"
+    continue_flag = "--resume" if read_last(run_dir) == before else "--overwrite"
 
     eval_dir = run_dir / "eval" / args.suite
     timings["evaluation"] = run_stage(
         "3/3 LIBERO evaluation (official protocol)",
-        [py, "eval/libero.py", "--policy", str(run_dir / "last"), "--suite", args.suite, "--tasks", args.tasks,
+        [py, "eval/libero.py", "--policy", str(run_dir / LAST), "--suite", args.suite, "--tasks", args.tasks,
          "--episodes", str(eval_episodes), "--workers", str(args.workers), "--out", str(eval_dir), continue_flag,
          *extra_eval],
         cwd=root,

@@ -14,6 +14,7 @@ registry, and is written atomically (temp dir + rename).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ from vla.constants import (
 from vla.data.embodiments import EmbodimentRegistry, default_registry
 from vla.data.normalize import Normalizer
 from vla.data.transforms import prepare_observation
+from vla.training.layout import resolve_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -273,8 +275,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
                 raise CheckpointError(f"no local checkpoint at '{text}' and the Hub download failed: {e}") from e
         else:
             raise CheckpointError(f"no checkpoint directory at '{text}'")
-    if path.is_dir() and (path / "pretrained_model").is_dir() and not (path / CONFIG_NAME).exists():
-        path = path / "pretrained_model"  # a training checkpoint: step-N/ or last/
+    if path.is_dir() and not (path / CONFIG_NAME).exists():  # a training run, its `last` or a step-N/ directory
+        with contextlib.suppress(FileNotFoundError):
+            path = resolve_pretrained(path)
     if not (path / WEIGHTS_NAME).exists():
         pickles = sorted(p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES)
         if pickles:

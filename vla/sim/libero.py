@@ -598,7 +598,7 @@ def checkpoint_eval_defaults(policy: str | None) -> EvalConfig:
     if not policy or policy == RANDOM_POLICY:
         return EvalConfig()
     from vla.config import VLAConfig
-    from vla.training.checkpoint import CONFIG_NAME, resolve_pretrained
+    from vla.training.layout import CONFIG_NAME, resolve_pretrained
 
     try:
         path = resolve_pretrained(policy) / CONFIG_NAME
@@ -617,7 +617,7 @@ def checkpoint_with_settings(policy: str, items: Sequence[str]) -> CheckpointPol
     """`--policy-set` items checked against the checkpoint's config here, before any simulator starts, so a
     misspelt key or a bad value is one clear error (ConfigError / ValueError) and not one per worker."""
     from vla.config import VLAConfig, apply_overrides
-    from vla.training.checkpoint import CONFIG_NAME, resolve_pretrained
+    from vla.training.layout import CONFIG_NAME, resolve_pretrained
 
     source = CheckpointPolicy(str(policy), parse_overrides(items))
     apply_overrides(VLAConfig.from_json(resolve_pretrained(policy) / CONFIG_NAME), dict(source.overrides))

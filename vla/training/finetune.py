@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vla.config import VLAConfig
-from vla.training.checkpoint import CONFIG_NAME, config_changes, resolve_pretrained
+from vla.training.checkpoint import config_changes
+from vla.training.layout import CONFIG_NAME, resolve_pretrained
 
 logger = logging.getLogger(__name__)
 

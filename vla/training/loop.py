@@ -32,18 +32,10 @@ from tqdm.auto import tqdm
 
 from vla.config import ConfigError, VLAConfig
 from vla.training.batches import BatchStream
-from vla.training.checkpoint import (
-    CONFIG_NAME,
-    PRETRAINED_DIR,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    remove_partial,
-    restore_rng,
-    save_checkpoint,
-)
+from vla.training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from vla.training.ema import EMA
 from vla.training.finetune import freeze_routers, init_from_checkpoint
+from vla.training.layout import CONFIG_NAME, PRETRAINED_DIR, latest_checkpoint, list_checkpoints, remove_partial
 from vla.training.metrics import LossMeter, TrainingDiverged, routing_scalars
 from vla.training.optim import make_optimizer, make_scheduler
 
