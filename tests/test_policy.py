@@ -210,6 +210,21 @@ def test_inference_settings_change_on_load_and_shape_changes_fail(saved, debug_p
     assert source.identity()["overrides"] == {"action.n_action_steps": "1"} and source.identity()["sha256"]
 
 
+def test_loads_from_a_training_run_layout(debug_policy, tmp_path):
+    """A run directory (its newest step), `last` as a symlink or as a pointer file, or a step directory."""
+    from vla.training.layout import LAST, PRETRAINED_DIR, point_last_to
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        debug_policy.save_pretrained(run / f"step-00000{step}" / PRETRAINED_DIR)
+    point_last_to(run, run / "step-000001")
+    for source in (run, run / LAST, run / "step-000002"):
+        assert VLAPolicy.from_pretrained(source).config == debug_policy.config
+    (run / LAST).unlink()
+    (run / LAST).write_text("step-000001\n")  # where symlinks fail
+    assert VLAPolicy.from_pretrained(run / LAST).config == debug_policy.config
+
+
 def test_missing_and_unexpected_keys_are_listed(saved):
     from safetensors.torch import load_file
 

@@ -275,7 +275,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
                 raise CheckpointError(f"no local checkpoint at '{text}' and the Hub download failed: {e}") from e
         else:
             raise CheckpointError(f"no checkpoint directory at '{text}'")
-    if path.is_dir() and not (path / CONFIG_NAME).exists():  # a training run, its `last` or a step-N/ directory
+    if not (path / CONFIG_NAME).exists():  # a training run, its `last` (link or pointer file) or a step-N/ directory
         with contextlib.suppress(FileNotFoundError):
             path = resolve_pretrained(path)
     if not (path / WEIGHTS_NAME).exists():
