@@ -36,17 +36,21 @@ THREADS = int(os.environ.get("VLA_BENCH_THREADS", "2"))
 for a second time slice (10-20 ms even for a tiny layer norm); VLA_BENCH_THREADS=1 measures the arithmetic."""
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time (ms) of each function, measured in alternation."""
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, block: int = 1
+                   ) -> dict[str, float]:
+    """Median wall time (ms) of each function, measured in alternation: `repeats` turns, each calling every
+    function `block` times in a row (block > 1 measures back-to-back calls, as a control loop makes them, while
+    machine drift still hits every function alike)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -27,7 +27,8 @@ clean` leaves alone) and resume: training continues from its last checkpoint and
 so an interrupted `make bench` picks up where it stopped. `--quick` is a smoke run of the same pipeline (2
 demonstrations, 16 steps at batch 4, one 30-step episode) in `bench/_work/learning_quick/`.
 
-Run one arm by hand: `python bench/bench_learning.py --arms dense` (`--help` for the options).
+Run one arm by hand: `python bench/bench_learning.py --arms dense` (`--help` for the options); record the rows of
+some arms only: `VLA_BENCH_ARMS=dense,moh python bench/run.py --only learning`.
 """
 
 from __future__ import annotations
@@ -378,8 +379,22 @@ def compare(plan: Plan, arms: list[str]) -> list[dict]:
     return rows
 
 
+ARMS_ENV = "VLA_BENCH_ARMS"
+"""Comma-separated arms `bench/run.py` runs (default: all), e.g. `VLA_BENCH_ARMS=dense,moh bench/run.py --only
+learning` records the rows of arms already trained without starting the others."""
+
+
 def run(quick: bool) -> list[dict]:
-    return compare(make_plan(quick), list(ARMS))
+    arms = parse_arms(os.environ.get(ARMS_ENV, ",".join(ARMS)))
+    return compare(make_plan(quick), arms)
+
+
+def parse_arms(text: str) -> list[str]:
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"bench_learning: unknown arm(s) {unknown}; arms: {list(ARMS)}")
+    return arms
 
 
 def main() -> None:
@@ -389,11 +404,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes (default: 50)")
     args = parser.parse_args()
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"bench_learning: unknown arm(s) {unknown}; arms: {list(ARMS)}")
-    for row in compare(make_plan(args.quick, args.episodes, args.steps), arms):
+    for row in compare(make_plan(args.quick, args.episodes, args.steps), parse_arms(args.arms)):
         print(json.dumps(row))
 
 

@@ -218,6 +218,14 @@ def test_cache_is_rebuilt_when_weights_change():
                                head.sample(*sample_args(batch), noise=noise, use_expert_cache=False).actions,
                                rtol=0, atol=1e-5)
 
+    # a new Parameter object in place of an old one (no version counter or pointer of the old one changes)
+    name, old_param = next((n, p) for n, p in head.named_parameters() if "experts" in n or "w1" in n)
+    owner = head.get_submodule(name.rpartition(".")[0])
+    setattr(owner, name.rpartition(".")[2], torch.nn.Parameter(old_param.detach() * 0.5))
+    torch.testing.assert_close(head.sample(*sample_args(batch), noise=noise).actions,
+                               head.sample(*sample_args(batch), noise=noise, use_expert_cache=False).actions,
+                               rtol=0, atol=1e-5)
+
 
 def test_cache_is_not_used_in_training_mode():
     head = build("nm,nm")

@@ -276,3 +276,77 @@ def test_hf_text_encoder_by_path_is_saved_with_the_checkpoint(tmp_path):
     rebuilt.load_state_dict(bb.state_dict())
     images, mask, tasks = batch()
     torch.testing.assert_close(rebuilt.eval()(images, mask, tasks).tokens, bb(images, mask, tasks).tokens)
+
+
+# ---- BatchNorm folded at inference -----------------------------------------------------------------------------
+
+
+def _with_running_stats(model: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
+    """BatchNorm statistics far from their init (mean 0, var 1), so a wrong fold cannot pass by accident."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(*shape) * 3 + 1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "regnetx_002"])
+def test_fold_batchnorm_reproduces_the_source_and_leaves_it_alone(name):
+    import timm
+
+    from vla.backbones.folding import fold_batchnorm
+
+    torch.manual_seed(0)
+    source = _with_running_stats(timm.create_model(name, num_classes=0, global_pool=""), (4, 3, 64, 64))
+    keys = list(source.state_dict())
+    folded, count = fold_batchnorm(source)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in source.modules())
+    assert count > 0.8 * norms
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == norms - count
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = source.forward_features(x)
+        torch.testing.assert_close(folded.forward_features(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert list(source.state_dict()) == keys
+
+
+def test_compact_eval_serves_a_folded_encoder_that_follows_the_weights():
+    backbone = tiny()
+    _with_running_stats(backbone.vision, (4, 3, SIZE, SIZE))
+    images, mask, tasks = batch()
+
+    def check() -> None:
+        with torch.no_grad():
+            folded = backbone(images, mask, tasks).tokens
+        reference = backbone(images, mask, tasks).tokens.detach()  # with gradients: the unfolded encoder
+        torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
+        assert backbone._folded._copy is not None
+
+    check()
+    served = backbone._folded._copy
+    with torch.no_grad():  # in-place edits of a weight and of a running statistic: the copy is rebuilt
+        backbone.vision.conv1[0].weight.mul_(1.5)
+        next(m for m in backbone.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.mul_(4.0)
+    check()
+    assert backbone._folded._copy is not served
+    backbone.load_state_dict(tiny().state_dict())
+    check()
+    assert "_folded" not in "".join(backbone.state_dict())
+
+
+def test_folding_that_changes_the_output_is_refused(caplog):
+    from vla.backbones.folding import FoldedCopy
+
+    class ScaledBetween(torch.nn.Module):  # conv and bn by name, but the forward scales between them
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x) * 2.0 + 1.0)
+
+    source = _with_running_stats(ScaledBetween(), (2, 3, 8, 8))
+    served = FoldedCopy()
+    with torch.no_grad():
+        assert served.get(source, "forward", torch.rand(1, 3, 8, 8)) is source
+    assert not served.usable and "serving it unfolded" in caplog.text

@@ -424,6 +424,35 @@ def test_missing_calvin_env_is_one_clear_error_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_policy_settings_reach_the_evaluation_and_bad_ones_stop_it(tmp_path, monkeypatch):
+    """`--policy-set` is checked against the checkpoint's config before calvin_env is even looked for, and the
+    evaluation receives the checkpoint with its settings (which the results record)."""
+    from vla.config import get_preset
+    from vla.sim.policies import CheckpointPolicy
+
+    (tmp_path / "pretrained_model").mkdir()
+    get_preset("tiny-cpu").to_json(tmp_path / "pretrained_model" / "config.json")
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "calvin.py"), "--policy", str(tmp_path),
+                           "--policy-set", "objective.num_inference_step=10", "--out", str(tmp_path / "eval")],
+                          capture_output=True, text=True, cwd=REPO, check=False)
+    assert proc.returncode == 2 and "did you mean --objective.num_inference_steps" in proc.stderr
+    assert not (tmp_path / "eval").exists()
+
+    received = []
+
+    def evaluate(source, cfg, out, **kwargs):
+        received.append(source)
+        out.mkdir(parents=True)
+        (out / "results.md").write_text("table")
+        return {}
+
+    monkeypatch.setattr(C, "calvin_env_root", lambda root: None)
+    monkeypatch.setattr(C, "evaluate_calvin", evaluate)
+    C.main(["--policy", str(tmp_path), "--policy-set", "objective.num_inference_steps=10", "--out",
+            str(tmp_path / "eval"), "--no-progress"])
+    assert received == [CheckpointPolicy(str(tmp_path), (("objective.num_inference_steps", "10"),))]
+
+
 def test_help():
     proc = subprocess.run([sys.executable, str(REPO / "eval" / "calvin.py"), "--help"], capture_output=True, text=True,
                           cwd=REPO, check=False)

@@ -185,20 +185,20 @@ def test_policy_settings_are_checked_before_any_simulator_starts(tmp_path: Path)
     """`--policy-set` is parsed and applied to the checkpoint's config in the parent: a misspelt key or a bad value
     is one clear error, and a good one becomes a CheckpointPolicy that the results name with its settings."""
     from vla.config import get_preset
-    from vla.sim.policies import CheckpointPolicy
+    from vla.sim.policies import CheckpointPolicy, checkpoint_with_settings
 
     cfg = get_preset("tiny-cpu")
     cfg.action.chunk_size, cfg.action.moh.horizons = 20, (5, 10, 15, 20)
     (tmp_path / "pretrained_model").mkdir()
     cfg.to_json(tmp_path / "pretrained_model" / "config.json")
-    source = L.checkpoint_with_settings(str(tmp_path), ["action.moh.dynamic=true", "action.moh.min_execute = 5"])
+    source = checkpoint_with_settings(str(tmp_path), ["action.moh.dynamic=true", "action.moh.min_execute = 5"])
     assert source == CheckpointPolicy(str(tmp_path), (("action.moh.dynamic", "true"), ("action.moh.min_execute", "5")))
     with pytest.raises(ConfigError, match="unknown option --action.moh.threshold"):
-        L.checkpoint_with_settings(str(tmp_path), ["action.moh.threshold=0.2"])
+        checkpoint_with_settings(str(tmp_path), ["action.moh.threshold=0.2"])
     with pytest.raises(ConfigError, match="min_execute must be in"):
-        L.checkpoint_with_settings(str(tmp_path), ["action.moh.min_execute=30"])
+        checkpoint_with_settings(str(tmp_path), ["action.moh.min_execute=30"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        L.checkpoint_with_settings(str(tmp_path), ["action.moh.dynamic"])
+        checkpoint_with_settings(str(tmp_path), ["action.moh.dynamic"])
     proc = subprocess.run([sys.executable, str(REPO / "eval" / "libero.py"), "--policy", str(tmp_path),
                            "--policy-set", "action.moh.dynamc=true", "--out", str(tmp_path / "eval")],
                           capture_output=True, text=True, cwd=REPO, check=False)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from vla.weight_version import WeightVersion
+
 ROUTED_KINDS = ("as", "hb", "nm")
 T = TypeVar("T")
 
@@ -367,22 +369,19 @@ class ExpertCache:
     also keeps here what else depends on the denoising step alone (its noise-level embedding and per-layer
     attention shifts, keyed by ("noise", step key)): the same validity rule applies to both.
 
-    `validate(module)` compares a signature of every parameter (storage pointer and in-place version counter) with
-    the one the entries were built for and drops them on any difference: optimiser steps, `load_state_dict`,
-    `.to()` and any in-place edit all change it. Writes through `param.data` bypass version counters, so the head
+    `validate(module)` compares a `WeightVersion` key of the module's parameters (identity, storage pointer and
+    in-place version counter of each) with the one the entries were built for and drops them on any difference:
+    optimiser steps, `load_state_dict`, `.to()` and any in-place edit all change it. Writes through `param.data` bypass version counters, so the head
     also clears the cache on `train()`/`eval()` and on `load_state_dict`.
     """
 
     def __init__(self) -> None:
         self._entries: dict[Hashable, Any] = {}
-        self._signature: tuple | None = None
-
-    @staticmethod
-    def signature(module: nn.Module) -> tuple:
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
+        self._signature: Hashable | None = None
+        self._version = WeightVersion()
 
     def validate(self, module: nn.Module) -> None:
-        sig = self.signature(module)
+        sig = self._version.key(module)
         if sig != self._signature:
             self.clear()
             self._signature = sig

@@ -26,6 +26,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from vla.backbones.base import EXTRA_DIR, Backbone
+from vla.backbones.folding import FoldedCopy
 from vla.backbones.prefix import Prefix
 from vla.backbones.text import FrozenTextEncoder, HashedWordEmbedding, minilm_path
 from vla.config import BackboneConfig
@@ -55,6 +56,7 @@ class CompactBackbone(Backbone):
     def __init__(self, cfg: BackboneConfig, cameras: Sequence[str], image_size: int,
                  checkpoint_dir: str | Path | None = None) -> None:
         super().__init__(cameras, image_size)
+        self._folded = FoldedCopy()  # BatchNorm folded into the convolutions, for gradient-free eval calls
         self.cfg = cfg
         self.width = cfg.width
         self.num_layers = None
@@ -90,8 +92,11 @@ class CompactBackbone(Backbone):
 
     # ---- nn.Module ---------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> CompactBackbone:
-        """A frozen vision encoder stays in eval mode, so its BatchNorm statistics stay fixed too."""
+        """A frozen vision encoder stays in eval mode, so its BatchNorm statistics stay fixed too. The folded
+        inference copy is dropped on every switch (weights written through `.data`, as EMA swaps may do, leave no
+        trace a version check could see)."""
         super().train(mode)
+        self._folded.clear()
         if self.cfg.freeze in ("vision", "all"):
             self.vision.eval()
         return self
@@ -123,7 +128,10 @@ class CompactBackbone(Backbone):
         x = ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.vision.forward_features(x)
+        vision = self.vision
+        if not torch.is_grad_enabled() and not vision.training and dtype == torch.float32:
+            vision = self._folded.get(vision, "forward_features", x)
+        feats = vision.forward_features(x)
         feats = _as_feature_map(feats, self.vision)  # (M, C, h, w)
         feats = F.adaptive_avg_pool2d(feats.to(self.image_proj.weight.dtype), self.grid)
         return self.image_proj(rearrange(feats, "m c h w -> m (h w) c"))

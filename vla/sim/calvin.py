@@ -49,8 +49,10 @@ from vla.sim.policies import (
     RANDOM_POLICY,
     PolicyError,
     PolicySource,
+    add_policy_set_argument,
     as_action,
     blame_policy,
+    checkpoint_with_settings,
     episode_seed,
     inference_context,
     load_policy,
@@ -892,6 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=d.num_workers, help="parallel simulator processes")
     parser.add_argument("--videos", type=int, default=d.videos_per_task, help="videos of the first k chains")
     parser.add_argument("--video-stride", type=int, default=d.video_stride, help="control steps per video frame")
+    add_policy_set_argument(parser)
     parser.add_argument("--out", default=None, help="run directory (default: <checkpoint>/eval/calvin)")
     parser.add_argument("--resume", action="store_true", help="complete an interrupted run in --out")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
@@ -917,6 +920,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error(f"--policy {args.policy}: no such checkpoint directory")
         if args.out is None and args.policy == RANDOM_POLICY:
             parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
+        source: PolicySource = args.policy
+        if args.policy_set:
+            try:
+                source = checkpoint_with_settings(args.policy, args.policy_set)
+            except (ConfigError, ValueError, FileNotFoundError) as e:
+                parser.error(str(e))
         calvin_env_root(args.calvin_root)
     except (CalvinNotInstalled, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
@@ -931,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(str(e))
     out = Path(args.out) if args.out else Path(args.policy) / "eval" / "calvin"
     try:
-        results = evaluate_calvin(args.policy, cfg, out, calvin_root=args.calvin_root, resume=args.resume,
+        results = evaluate_calvin(source, cfg, out, calvin_root=args.calvin_root, resume=args.resume,
                                   overwrite=args.overwrite, progress=not args.no_progress)
     except (FileExistsError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

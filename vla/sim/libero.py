@@ -43,17 +43,17 @@ from vla.config import ConfigError, EvalConfig
 from vla.sim import results as R
 from vla.sim.policies import (
     RANDOM_POLICY,
-    CheckpointPolicy,
     PolicyError,
     PolicySource,
+    add_policy_set_argument,
     as_action,
     as_chunk,
     blame_policy,
+    checkpoint_with_settings,
     episode_seed,
     inference_context,
     load_policy,
     needs_observation,
-    parse_overrides,
     seed_everything,
 )
 from vla.sim.runner import run_jobs
@@ -569,10 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "resizes to its own input size)")
     parser.add_argument("--replan-steps", type=int, default=None,
                         help="0 = the policy's own action queue (default); k = execute k actions of each predicted chunk")
-    parser.add_argument("--policy-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change an inference setting of the checkpoint's config (repeatable), e.g. "
-                             "action.moh.dynamic=true, action.moh.agreement_threshold=0.2, "
-                             "objective.num_inference_steps=10; recorded with the results")
+    add_policy_set_argument(parser)
     parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default 0 = the suite's official budget)")
     parser.add_argument("--videos", type=int, default=None, help=f"videos of the first k episodes per task (default {d.videos_per_task})")
     parser.add_argument("--no-failure-videos", action="store_true", help="do not save videos of failed episodes")
@@ -611,17 +608,6 @@ def checkpoint_eval_defaults(policy: str | None) -> EvalConfig:
     except (ConfigError, ValueError, TypeError) as e:
         logger.warning("ignoring eval defaults of %s: %s", path, e)
         return EvalConfig()
-
-
-def checkpoint_with_settings(policy: str, items: Sequence[str]) -> CheckpointPolicy:
-    """`--policy-set` items checked against the checkpoint's config here, before any simulator starts, so a
-    misspelt key or a bad value is one clear error (ConfigError / ValueError) and not one per worker."""
-    from vla.config import VLAConfig, apply_overrides
-    from vla.training.layout import CONFIG_NAME, resolve_pretrained
-
-    source = CheckpointPolicy(str(policy), parse_overrides(items))
-    apply_overrides(VLAConfig.from_json(resolve_pretrained(policy) / CONFIG_NAME), dict(source.overrides))
-    return source
 
 
 def config_from_args(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
@@ -675,8 +661,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
     source: PolicySource = args.policy
     if args.policy_set:
-        if args.policy == RANDOM_POLICY:
-            parser.error("--policy-set changes a checkpoint's settings; --policy random has none")
         try:
             source = checkpoint_with_settings(args.policy, args.policy_set)
         except (ConfigError, ValueError, FileNotFoundError) as e:

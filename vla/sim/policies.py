@@ -21,6 +21,7 @@ returning a policy, or the string "random".
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Sequence
@@ -104,6 +105,27 @@ def parse_overrides(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
             raise ValueError(f"--policy-set expects KEY=VALUE (e.g. action.moh.dynamic=true), got {item!r}")
         pairs.append((key.strip(), value.strip()))
     return tuple(pairs)
+
+
+def add_policy_set_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--policy-set KEY=VALUE` option of the evaluation scripts."""
+    parser.add_argument("--policy-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change an inference setting of the checkpoint's config (repeatable), e.g. "
+                             "action.moh.dynamic=true, action.moh.agreement_threshold=0.2, "
+                             "objective.num_inference_steps=10; recorded with the results")
+
+
+def checkpoint_with_settings(policy: str, items: Sequence[str]) -> CheckpointPolicy:
+    """`--policy-set` items checked against the checkpoint's config in the parent, before any simulator starts, so a
+    misspelt key or a bad value is one clear error (ConfigError / ValueError) and not one per worker."""
+    from vla.config import VLAConfig, apply_overrides
+    from vla.training.layout import CONFIG_NAME, resolve_pretrained
+
+    if policy == RANDOM_POLICY:
+        raise ValueError("--policy-set changes a checkpoint's settings; --policy random has none")
+    source = CheckpointPolicy(str(policy), parse_overrides(items))
+    apply_overrides(VLAConfig.from_json(resolve_pretrained(policy) / CONFIG_NAME), dict(source.overrides))
+    return source
 
 
 def load_policy(source: PolicySource, *, action_dim: int = 7) -> Policy:
