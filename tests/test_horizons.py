@@ -134,11 +134,11 @@ def test_without_dynamic_execution_num_execute_is_n_action_steps():
 def test_dynamic_inference_executes_more_actions_on_a_low_noise_task_than_on_a_high_noise_one():
     """One small MoH head learns two tasks told apart by the prefix: a fixed trajectory (low noise) and a chunk
     with a random per-sample offset (high noise). Horizons that see fewer noisy steps are less sure of the offset,
-    so they disagree more there, and the consensus rule (config default threshold 0.1) stops earlier."""
+    so they disagree more there, and the consensus rule (threshold 0.1) stops earlier."""
     chunk, b = 8, 32
     torch.manual_seed(0)
     cfg = ActionConfig(chunk_size=chunk, n_action_steps=2, width=32, num_heads=2, ffn_dim=64, layers="d,d",
-                       moh=HorizonConfig(horizons=(2, 4, 6, 8), dynamic=True))
+                       moh=HorizonConfig(horizons=(2, 4, 6, 8), dynamic=True, agreement_threshold=0.1))
     head = ActionHead(cfg, ObjectiveConfig(kind="flow", num_inference_steps=10), prefix_width=4, prefix_layers=None,
                       action_dim=2, state_dim=2)
     state, ones = torch.zeros(b, 2), torch.ones(b, 2, dtype=torch.bool)

@@ -52,11 +52,11 @@ from vla.sim.policies import (
     add_policy_set_argument,
     as_action,
     blame_policy,
-    checkpoint_with_settings,
     episode_seed,
     inference_context,
     load_policy,
     needs_observation,
+    policy_with_settings,
     seed_everything,
 )
 from vla.sim.runner import run_jobs
@@ -920,12 +920,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error(f"--policy {args.policy}: no such checkpoint directory")
         if args.out is None and args.policy == RANDOM_POLICY:
             parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
-        source: PolicySource = args.policy
-        if args.policy_set:
-            try:
-                source = checkpoint_with_settings(args.policy, args.policy_set)
-            except (ConfigError, ValueError, FileNotFoundError) as e:
-                parser.error(str(e))
+        source = policy_with_settings(args.policy, args.policy_set, parser.error)
         calvin_env_root(args.calvin_root)
     except (CalvinNotInstalled, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

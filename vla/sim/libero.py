@@ -49,11 +49,11 @@ from vla.sim.policies import (
     as_action,
     as_chunk,
     blame_policy,
-    checkpoint_with_settings,
     episode_seed,
     inference_context,
     load_policy,
     needs_observation,
+    policy_with_settings,
     seed_everything,
 )
 from vla.sim.runner import run_jobs
@@ -659,12 +659,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         parser.error(str(e))
     if args.out is None and args.policy == RANDOM_POLICY:
         parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
-    source: PolicySource = args.policy
-    if args.policy_set:
-        try:
-            source = checkpoint_with_settings(args.policy, args.policy_set)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            parser.error(str(e))
+    source = policy_with_settings(args.policy, args.policy_set, parser.error)
 
     all_results = {}
     for suite in suites:

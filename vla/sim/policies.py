@@ -128,6 +128,18 @@ def checkpoint_with_settings(policy: str, items: Sequence[str]) -> CheckpointPol
     return source
 
 
+def policy_with_settings(policy: str, items: Sequence[str], error: Callable[[str], Any]) -> PolicySource:
+    """What an evaluation script loads for `--policy` and its `--policy-set` items; `error` (the script's
+    `parser.error`) reports a bad setting and does not return."""
+    if not items:
+        return policy
+    try:
+        return checkpoint_with_settings(policy, items)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        error(str(e))
+        raise
+
+
 def load_policy(source: PolicySource, *, action_dim: int = 7) -> Policy:
     """Turn a policy source into a policy object (inside the process that will run it)."""
     if isinstance(source, str) and source == RANDOM_POLICY:
