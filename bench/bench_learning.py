@@ -72,7 +72,7 @@ class Arm:
 MOH_THRESHOLD = "0.015"
 """Mixture-of-Horizons agreement threshold of the `moh` arm's dynamic evaluation (normalized action units), about
 2-3x the trained arm's median cross-horizon disagreement on its own demonstration frames (0.004-0.007 per step).
-Measured on this arm: 0.01 -> 62 % at 8.6 actions per query, 0.015 -> 66 % at 13.1 (fixed 5: 70 %)."""
+Measured on this arm: 0.01 -> 62 % at 8.6 actions per query, 0.015 -> 66 % at 13.0 (fixed 5: 71 %, fixed 10: 64 %)."""
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (

@@ -23,8 +23,8 @@ from vla.policy import VLAPolicy
 
 GOAL_CHUNKS_PER_S = 20.0
 BLOCK = 5
-"""Back-to-back calls per turn: a rate is measured on consecutive queries, as a control loop makes them (one call
-right after a different function reads every weight from cold caches, ~1.3x slower here)."""
+"""Back-to-back calls per turn: a rate is measured on consecutive queries, as a control loop makes them (a call
+right after a different function starts from caches that hold that function's data)."""
 
 
 def tiny_cpu_policy(image_size: int = 128) -> VLAPolicy:

@@ -3,8 +3,9 @@
 In eval mode a BatchNorm is a per-channel affine map of its convolution's output, so it can be merged into that
 convolution's weights and bias: one pass over the feature map less per block, the same function to float rounding.
 On the tiny-cpu encoder (RegNetX-200MF, 2 cameras x 128 px, 44 conv-BN pairs) that saves 2-3 ms of a batch-1
-query's 16-18 ms on this CPU (15.9 -> 13.6, 16.0 -> 13.1, 17.9 -> 15.7 ms in three side-by-side runs). The folded encoder is a separate copy: the trained module, its state_dict and its
-checkpoints never change, and the copy is rebuilt whenever the source's weights do.
+query's 16-18 ms on this CPU (15.9 -> 13.6, 16.0 -> 13.1, 17.9 -> 15.7 ms in three side-by-side runs). The folded
+encoder is a separate copy: the trained module, its state_dict and its checkpoints never change, and the copy is
+rebuilt whenever the source's weights do.
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def _fused(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
 class FoldedCopy:
     """Serves a BatchNorm-folded copy of a module, rebuilt when the source's weights or statistics change.
 
-    Held as a plain attribute (not a submodule), so it is in no state_dict and no optimiser. `get(source, x)` takes
-    the input of the call: on a rebuild the copy is checked against the source on it, and a copy that does not
-    reproduce the source (a model that does more than conv -> BatchNorm) is dropped for good, with a warning.
+    Held as a plain attribute (not a submodule), so it is in no state_dict and no optimiser.
+    `get(source, forward_name, x)` returns the module to call `forward_name(x)` on: on a rebuild the copy is checked
+    against the source on this very input, and a copy that does not reproduce the source (a model that does more
+    than conv -> BatchNorm between the pair) is dropped for good, with a warning, and the source is served.
     """
 
     def __init__(self) -> None:
