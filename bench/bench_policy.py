@@ -3,8 +3,8 @@
 One `predict_action_chunk` call is the whole query a simulator or robot makes: raw uint8 images and state in,
 pre-processing (resize, normalisation), the compact backbone, the preset's flow-matching steps of the head, and
 un-normalised actions out. Measured with the expert cache on (the default at inference) and off (the general
-routed path), in alternating blocks of back-to-back calls, and split into its stages so the budget is visible. The policy is untrained: speed does
-not depend on the weights.
+routed path), in alternating blocks of back-to-back calls, and split into its stages so the budget is visible. The
+policy is untrained: speed does not depend on the weights.
 
     .venv/bin/python bench/run.py --only policy [--quick]
 """

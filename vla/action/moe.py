@@ -371,8 +371,9 @@ class ExpertCache:
 
     `validate(module)` compares a `WeightVersion` key of the module's parameters (identity, storage pointer and
     in-place version counter of each) with the one the entries were built for and drops them on any difference:
-    optimiser steps, `load_state_dict`, `.to()` and any in-place edit all change it. Writes through `param.data` bypass version counters, so the head
-    also clears the cache on `train()`/`eval()` and on `load_state_dict`.
+    optimiser steps, `load_state_dict`, `.to()`, a new Parameter object and any in-place edit all change it. Writes
+    through `param.data` bypass version counters, so the head also clears the cache on `train()`/`eval()` and on
+    `load_state_dict`.
     """
 
     def __init__(self) -> None:
