@@ -105,8 +105,9 @@ class HorizonConfig:
             normalized action units, averaged over the denoising steps. Only steps that at least two horizons
             predict can qualify, so at most the second-longest horizon is executed. The default is where the
             tiny-cpu chunk-20 model (horizons 5,10,15,20) on LIBERO-Object executed 13 actions per query at the
-            success of a fixed 5 within noise (66 vs 71 %, 100 episodes each); a model's own scale can differ, so check the
-            actions per query an evaluation reports (`eval/libero.py --policy-set action.moh.agreement_threshold=`).
+            success of a fixed 5 within noise (66 vs 71 %, 100 episodes each); a model's own scale can differ, so
+            check the actions per query an evaluation reports (`eval/libero.py --policy-set
+            action.moh.agreement_threshold=...`).
         min_execute: always execute at least this many actions per call when dynamic.
         max_execute: never execute more than this many actions per call (0 = the chunk size).
     """

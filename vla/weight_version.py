@@ -3,10 +3,11 @@
 Inference caches (the action head's fused experts, the backbone's BatchNorm-folded encoder) hold values computed
 from weights and must be rebuilt whenever a weight changes: an optimiser step or `load_state_dict` (in-place, they
 bump a tensor's version counter), `.to()` or `param.data = ...` (new storage, a new data pointer), or a new
-`Parameter` object assigned to a module (a new tensor identity). The key covers all three. Walking `module.parameters()` on every
-call costs ~2 ms for a 264-tensor encoder (the generator walk, not the tensors), so the tensors are listed once and
-listed again only after any module anywhere registered a parameter, buffer or submodule (a global registration
-counter fed by torch's module registration hooks); reading the list's pointers and versions costs ~0.2 ms.
+`Parameter` object assigned to a module (a new tensor identity). The key covers all three. Walking
+`module.parameters()` on every call costs ~2 ms for a 264-tensor encoder (the generator walk, not the tensors), so
+the tensors are listed once and listed again only after any module anywhere registered a parameter, buffer or
+submodule (a counter fed by torch's public global registration hooks, installed on import; they only count and
+change nothing); reading the list's pointers and versions costs ~0.2 ms.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class FoldedCopy:
         if not self.usable:
             return source
         key = self._version.key(source)
-        if key != self._key or self._copy is None:
+        if key != self._key:  # clear() resets the key too
             self._copy, self._key = None, key
             folded, count = fold_batchnorm(source)
             if count == 0:
