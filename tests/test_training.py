@@ -40,7 +40,7 @@ from vla.training.layout import (
     resolve_pretrained,
 )
 from vla.training.loop import make_accelerator, resume_checkpoint
-from vla.training.optim import make_optimizer, make_scheduler
+from vla.training.optim import make_optimizer, make_scheduler, parameter_groups
 
 STATE_DIM, H, A = 6, 4, 3
 
@@ -339,6 +339,25 @@ def test_optimizer_groups_decay_only_matrices_and_scale_backbone_lr():
     assert groups["backbone/no_decay"]["weight_decay"] == 0.0
     assert groups["backbone/decay"]["lr"] == pytest.approx(cfg.lr * 0.1)
     assert groups["action/decay"]["lr"] == pytest.approx(cfg.lr)
+
+
+def test_optimizer_is_fused_on_cpu_and_updates_like_the_reference_adamw():
+    cfg = get_preset("debug").train
+    model, reference = TinyPolicy(), TinyPolicy()
+    reference.load_state_dict(model.state_dict())
+    opt = make_optimizer(model, cfg)
+    ref = torch.optim.AdamW(parameter_groups(reference, cfg), lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    assert all(g["fused"] for g in opt.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref)):
+            torch.manual_seed(1)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+            o.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
 
 
 def test_schedule_warms_up_then_decays_to_min_ratio():

@@ -44,11 +44,18 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Devices with a fused AdamW kernel: one pass over all parameters instead of a dozen ops per parameter tensor. On
+CPU it takes a tiny-cpu step's update from 53 to 17 ms (230 tensors, 11 M parameters), ~4 % of the step."""
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`; the fused kernel on CUDA (one launch for all parameters)."""
+    """AdamW over `parameter_groups`, fused when every parameter is on one device that has the fused kernel (the
+    parameters may move later, e.g. CPU -> CUDA in `accelerator.prepare`: both have it)."""
     groups = parameter_groups(model, cfg)
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=on_cuda or None)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = len(devices) == 1 and devices <= set(FUSED_DEVICES)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
