@@ -389,6 +389,11 @@ def run(quick: bool) -> list[dict]:
     return compare(make_plan(quick), arms)
 
 
+def partial() -> bool:
+    """True when `VLA_BENCH_ARMS` chose some arms only: bench/run.py then keeps the other arms' rows."""
+    return set(parse_arms(os.environ.get(ARMS_ENV, ",".join(ARMS)))) != set(ARMS)
+
+
 def parse_arms(text: str) -> list[str]:
     arms = [a.strip() for a in text.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]

@@ -9,7 +9,9 @@ A benchmark is a module `bench/bench_<name>.py` with `run(quick: bool) -> list[d
 Ratios are measured side by side in one run; nothing here asserts timings. `--only NAME` runs one module,
 `--skip NAME,...` leaves modules out (`learning` trains and evaluates policies: hours at full size), `--quick`
 shrinks sizes for a smoke run. With `--only` or `--skip`, the rows of modules not run this time are kept from the
-existing results.json; every row carries the date it was measured.
+existing results.json; so are the rows a module did not produce when it says it ran only part of itself (its
+optional `partial() -> bool`, e.g. bench_learning with some arms chosen). Every row carries the date it was
+measured.
 """
 
 from __future__ import annotations
@@ -40,20 +42,26 @@ def discover(only: str | None, skip: str = "") -> list[Path]:
     return [f for f in files if f.stem.removeprefix("bench_") not in skipped]
 
 
-def kept_rows(out: Path, ran: list[Path], meta: dict) -> list[dict]:
-    """Rows of earlier runs for the modules not run now (a partial run must not erase the rest of the page)."""
+def kept_rows(out: Path, replaced: set[str], new: list[dict]) -> list[dict]:
+    """Rows of earlier runs that this run does not replace (a partial run must not erase the rest of the page):
+    every row of a module outside `replaced` (the modules run in full) that no new row has the key of."""
     path = out / "results.json"
     if not path.is_file():
         return []
     old = json.loads(path.read_text())
-    stems = {p.stem for p in ran}
-    rows = [r for r in old.get("results", []) if r.get("module") not in stems]
+    fresh = {row_key(r) for r in new}
+    rows = [r for r in old.get("results", []) if r.get("module") not in replaced and row_key(r) not in fresh]
     for r in rows:
         r.setdefault("date", old.get("meta", {}).get("date", "?"))
     return rows
 
 
-def run_module(path: Path, quick: bool) -> list[dict]:
+def row_key(row: dict) -> tuple[str, str]:
+    return row.get("benchmark", ""), row.get("metric", "")
+
+
+def run_module(path: Path, quick: bool) -> tuple[list[dict], bool]:
+    """The module's rows, and whether it ran only part of itself (its `partial()`, False when it has none)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module
@@ -63,7 +71,7 @@ def run_module(path: Path, quick: bool) -> list[dict]:
     for r in results:
         r.setdefault("module", path.stem)
         r.setdefault("seconds", round(time.perf_counter() - start, 1))
-    return results
+    return results, bool(getattr(module, "partial", lambda: False)())
 
 
 def to_markdown(results: list[dict], meta: dict) -> str:
@@ -104,22 +112,25 @@ def main() -> None:
         "quick": args.quick,
     }
     results: list[dict] = []
-    failed = []
+    failed, in_full = [], set()
     modules = discover(args.only, args.skip)
     for path in modules:
         print(f"== {path.stem}", flush=True)
         try:
-            rows = run_module(path, args.quick)
+            rows, partial = run_module(path, args.quick)
             results.extend({**r, "date": meta["date"]} for r in rows)
+            if not partial:
+                in_full.add(path.stem)
         except Exception as e:  # one broken benchmark must not hide the others
             traceback.print_exc()
             failed.append(path.stem)
+            in_full.add(path.stem)
             results.append({"benchmark": path.stem, "metric": "error", "value": f"{type(e).__name__}: {e}",
                             "goal": "", "met": False, "module": path.stem, "date": meta["date"]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.only or args.skip:
-        results = sorted(kept_rows(out, modules, meta) + results, key=lambda r: r.get("module", ""))
+    if args.only or args.skip or len(in_full) < len(modules):
+        results = sorted(kept_rows(out, in_full, results) + results, key=lambda r: r.get("module", ""))
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(results, meta))
     print(to_markdown(results, meta))

@@ -1,0 +1,52 @@
+"""bench/run.py keeps the rows a partial run does not replace."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH_RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+
+
+def load_run_module():
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH_RUN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(module: str, benchmark: str, value: float) -> dict:
+    return {"module": module, "benchmark": benchmark, "metric": "success", "value": value}
+
+
+def test_partial_runs_keep_the_rows_they_do_not_replace(tmp_path):
+    run = load_run_module()
+    old = [row("bench_learning", "learning: dense", 0.82), row("bench_learning", "learning: mode", 0.5),
+           row("bench_policy", "chunk rate", 13.0)]
+    (tmp_path / "results.json").write_text(json.dumps({"meta": {"date": "before"}, "results": old}))
+    new = [row("bench_learning", "learning: mode", 0.68)]
+
+    # bench_learning ran some arms only: its other arms' rows and every other module's rows stay
+    kept = run.kept_rows(tmp_path, replaced=set(), new=new)
+    assert [(r["benchmark"], r["value"]) for r in kept] == [("learning: dense", 0.82), ("chunk rate", 13.0)]
+    assert all(r["date"] == "before" for r in kept)
+
+    # bench_learning ran in full: only the other modules' rows stay
+    kept = run.kept_rows(tmp_path, replaced={"bench_learning"}, new=new)
+    assert [r["benchmark"] for r in kept] == ["chunk rate"]
+
+
+def test_bench_learning_is_partial_when_some_arms_are_chosen(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_learning", BENCH_RUN.parent / "bench_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_learning", module)  # its dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts the repository on sys.path
+    spec.loader.exec_module(module)
+    monkeypatch.delenv(module.ARMS_ENV, raising=False)
+    assert not module.partial()
+    monkeypatch.setenv(module.ARMS_ENV, "dense,mode")
+    assert module.partial()
+    monkeypatch.setenv(module.ARMS_ENV, ",".join(module.ARMS))
+    assert not module.partial()
