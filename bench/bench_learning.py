@@ -385,13 +385,17 @@ learning` records the rows of arms already trained without starting the others."
 
 
 def run(quick: bool) -> list[dict]:
-    arms = parse_arms(os.environ.get(ARMS_ENV, ",".join(ARMS)))
-    return compare(make_plan(quick), arms)
+    return compare(make_plan(quick), chosen_arms())
 
 
 def partial() -> bool:
     """True when `VLA_BENCH_ARMS` chose some arms only: bench/run.py then keeps the other arms' rows."""
-    return set(parse_arms(os.environ.get(ARMS_ENV, ",".join(ARMS)))) != set(ARMS)
+    return set(chosen_arms()) != set(ARMS)
+
+
+def chosen_arms() -> list[str]:
+    """The arms `VLA_BENCH_ARMS` names (all of them when it is unset)."""
+    return parse_arms(os.environ.get(ARMS_ENV, ",".join(ARMS)))
 
 
 def parse_arms(text: str) -> list[str]:

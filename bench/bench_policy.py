@@ -32,8 +32,8 @@ right after a different function starts from caches that hold that function's da
 
 
 def tiny_cpu_policy(image_size: int = 128, flow_steps: int | None = None) -> VLAPolicy:
-    """An untrained tiny-cpu VLAPolicy with normalization statistics for the LIBERO Panda (seeded: two calls give
-    the same weights), sampling with the preset's flow steps or `flow_steps`."""
+    """An untrained tiny-cpu VLAPolicy with normalization statistics for the LIBERO Panda, sampling with the
+    preset's flow steps or `flow_steps`."""
     rng = np.random.default_rng(0)
     normalizer = Normalizer.from_arrays({"libero_panda": {"state": [rng.normal(size=(256, 8))],
                                                           "action": [rng.uniform(-1, 1, size=(256, 7))]}})
@@ -41,7 +41,6 @@ def tiny_cpu_policy(image_size: int = 128, flow_steps: int | None = None) -> VLA
     cfg.data.image_size = image_size
     if flow_steps is not None:
         cfg.objective.num_inference_steps = flow_steps
-    torch.manual_seed(0)
     return VLAPolicy(cfg, normalizer=normalizer).eval()
 
 
@@ -70,6 +69,7 @@ def stage_ms(size: int, repeats: int) -> tuple[dict[str, float], VLAPolicy]:
     """Median ms of a whole query (cached and uncached) and of each stage, for one image size."""
     policy, obs = tiny_cpu_policy(size), libero_observation(size)
     few_steps = tiny_cpu_policy(size, flow_steps=FEW_FLOW_STEPS)
+    few_steps.load_state_dict(policy.state_dict())  # the same weights, fewer steps
 
     def prepare():
         return prepare_observation(obs, registry=policy.registry, normalizer=policy.normalizer,

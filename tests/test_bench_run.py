@@ -10,9 +10,12 @@ from pathlib import Path
 BENCH_RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
-def load_run_module():
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH_RUN)
+def load_bench(path: Path, monkeypatch):
+    """Import a bench/ script as run.py does, undoing its sys.modules and sys.path changes after the test."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, path.stem, module)  # dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # bench_learning puts the repository on sys.path
     spec.loader.exec_module(module)
     return module
 
@@ -21,8 +24,8 @@ def row(module: str, benchmark: str, value: float) -> dict:
     return {"module": module, "benchmark": benchmark, "metric": "success", "value": value}
 
 
-def test_partial_runs_keep_the_rows_they_do_not_replace(tmp_path):
-    run = load_run_module()
+def test_partial_runs_keep_the_rows_they_do_not_replace(tmp_path, monkeypatch):
+    run = load_bench(BENCH_RUN, monkeypatch)
     old = [row("bench_learning", "learning: dense", 0.82), row("bench_learning", "learning: mode", 0.5),
            row("bench_policy", "chunk rate", 13.0)]
     (tmp_path / "results.json").write_text(json.dumps({"meta": {"date": "before"}, "results": old}))
@@ -39,11 +42,7 @@ def test_partial_runs_keep_the_rows_they_do_not_replace(tmp_path):
 
 
 def test_bench_learning_is_partial_when_some_arms_are_chosen(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_learning", BENCH_RUN.parent / "bench_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_learning", module)  # its dataclasses look their module up there
-    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts the repository on sys.path
-    spec.loader.exec_module(module)
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
     monkeypatch.delenv(module.ARMS_ENV, raising=False)
     assert not module.partial()
     monkeypatch.setenv(module.ARMS_ENV, "dense,mode")
