@@ -14,7 +14,7 @@ with 100 (same training objective; a 100-step chunk took tens of seconds here, i
     python bench/lerobot_diffusion.py train --dataset datasets/local/libero_object_task0 --out DIR --steps 4800
     python bench/lerobot_diffusion.py eval --policy DIR/last --out DIR/eval --episodes 50 [--resume | --overwrite]
 
-Checkpoints (`DIR/step-N/`, `DIR/last` -> the newest) hold lerobot's `save_pretrained` files, the normalization
+Checkpoints (`DIR/step-N/`, `DIR/last` -> the newest; the two newest are kept) hold lerobot's `save_pretrained` files, the normalization
 statistics, the camera names and the optimizer state; training resumes from `last` (the sample order after a
 resume is a fresh shuffle, not the interrupted one).
 """
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from vla.config import EvalConfig  # noqa: E402
 from vla.constants import OBS_STATE, image_key  # noqa: E402
-from vla.training.layout import checkpoint_name, point_last_to, read_last  # noqa: E402
+from vla.training.layout import checkpoint_name, point_last_to, prune_checkpoints, read_last  # noqa: E402
 
 logger = logging.getLogger("lerobot_diffusion")
 CAMERAS = {"agentview": "base", "wrist": "wrist"}  # dataset camera -> our canonical camera (as in the mixtures)
@@ -69,8 +69,12 @@ def diffusion_config(dataset_root: Path):
 # ---- training --------------------------------------------------------------------------------------------------
 
 
+KEEP_CHECKPOINTS = 2  # each is ~0.9 GB (74 M parameters and their Adam moments)
+
+
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stats: dict) -> Path:
-    """Write step-N/ through a temporary directory and repoint `last`: a crash leaves the previous one intact."""
+    """Write step-N/ through a temporary directory and repoint `last`: a crash leaves the previous one intact.
+    Older checkpoints beyond the newest `KEEP_CHECKPOINTS` are deleted once the new one is in place."""
     final = out / checkpoint_name(step)
     tmp = out / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,6 +87,7 @@ def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stats: d
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     point_last_to(out, final)
+    prune_checkpoints(out, KEEP_CHECKPOINTS)
     return final
 
 
@@ -215,7 +220,8 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=4800)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--num-workers", type=int, default=2)
-    t.add_argument("--save-every", type=int, default=800)
+    t.add_argument("--save-every", type=int, default=200,
+                   help="steps between checkpoints (~20 min of CPU training at batch 32)")
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval", help="official-protocol LIBERO-Object task 0 evaluation of a checkpoint")
