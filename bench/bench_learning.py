@@ -10,7 +10,7 @@ they run. The arms:
     mode         MoDE pattern nm x 6 (4 x 512, top-2)      active FFN width 1024 per layer
     dense        d x 6, FFN 1024                           the active width of the two MoE arms
     panda+ur5e   the preset on LIBERO Panda + robosuite UR5e (`datasets/mixtures/libero_ur5e.yaml`); the table
-                 gives its LIBERO success next to `tiny-cpu`'s, and `routing_panda+ur5e.png` plots the expert
+                 gives its LIBERO success next to `tiny-cpu`'s, and `bench/routing_panda+ur5e.png` plots the expert
                  usage of each routed layer per embodiment at the end of training
     moh          chunk 20 read at horizons 5,10,15,20 (Mixture of Horizons), evaluated three times: dynamic execution
                  (as many actions per chunk as the horizons agree on), a fixed 5 and a fixed 10 actions per chunk;
@@ -52,6 +52,7 @@ from vla.training.layout import LAST, read_last, resolve_pretrained  # noqa: E40
 
 LIBERO_DATA = "datasets/local/libero_object_task0"
 UR5E_DATA = "datasets/local/robosuite_ur5e_lift"
+PANDA, UR5E = "libero_panda", "robosuite_ur5e_osc"  # the embodiments of the two datasets
 PANDA_CAMERAS = "{agentview: base, wrist: wrist}"
 UR5E_CAMERAS = "{frontview: base, robot0_eye_in_hand: wrist}"
 
@@ -101,6 +102,7 @@ class Plan:
 
     work: Path
     libero_data: Path
+    figures: Path  # where the routing PNG goes: bench/ for the full run (committed with results.md)
     ur5e_data: Path
     train_args: list[str] = field(default_factory=list)
     eval_args: list[str] = field(default_factory=list)  # flags both evaluation CLIs take
@@ -113,7 +115,7 @@ class Plan:
 def make_plan(quick: bool, eval_episodes: int | None = None, steps: int | None = None) -> Plan:
     if quick:
         work = HERE / "_work" / "learning_quick"
-        plan = Plan(work=work, libero_data=work / "data" / "libero_object_task0",
+        plan = Plan(work=work, figures=work, libero_data=work / "data" / "libero_object_task0",
                     ur5e_data=work / "data" / "robosuite_ur5e_lift", demos=2, ur5e_demos=2, workers=1)
         plan.train_args = ["--train.steps", str(steps or 16), "--train.save_every", "8", "--train.warmup_steps", "2",
                            "--train.log_every", "2", "--data.batch_size", "4", "--data.num_workers", "0"]
@@ -121,7 +123,7 @@ def make_plan(quick: bool, eval_episodes: int | None = None, steps: int | None =
         plan.lerobot_train_args = ["--steps", str(steps or 4), "--batch-size", "4", "--num-workers", "0",
                                    "--save-every", "2", "--log-every", "1"]
         return plan
-    plan = Plan(work=REPO / "checkpoints" / "bench-learning", libero_data=REPO / LIBERO_DATA, ur5e_data=REPO / UR5E_DATA)
+    plan = Plan(work=REPO / "checkpoints" / "bench-learning", figures=HERE, libero_data=REPO / LIBERO_DATA, ur5e_data=REPO / UR5E_DATA)
     if steps:
         plan.train_args = ["--train.steps", str(steps), "--train.save_every", str(max(1, steps // 6))]
     plan.eval_args = ["--episodes", str(eval_episodes or 50)]
@@ -160,9 +162,9 @@ def ensure_data(plan: Plan) -> None:
 
 
 def write_mixture(plan: Plan, arm: Arm) -> Path:
-    entries = [(plan.libero_data, 2.0 if arm.two_embodiments else 1.0, "libero_panda", PANDA_CAMERAS)]
+    entries = [(plan.libero_data, 2.0 if arm.two_embodiments else 1.0, PANDA, PANDA_CAMERAS)]
     if arm.two_embodiments:
-        entries.append((plan.ur5e_data, 1.0, "robosuite_ur5e_osc", UR5E_CAMERAS))
+        entries.append((plan.ur5e_data, 1.0, UR5E, UR5E_CAMERAS))
     path = plan.work / arm.name / "mixture.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by bench/bench_learning.py\ndatasets:\n" + "".join(
@@ -309,7 +311,8 @@ def summarize(plan: Plan, arm: Arm) -> dict:
         "successes": summary["successes"], "episodes": summary["episodes"],
     }
     if arm.two_embodiments:
-        figures["routing_png"] = plot_routing(tb, plan.work / f"routing_{arm.name}.png")
+        figures["routing_png"] = plot_routing(tb, plan.figures / f"routing_{arm.name}.png",
+                                              embodiments={PANDA, UR5E})
     figures["actions_per_query"] = round(summary["actions_per_query"], 2)
     for out, _ in arm.evals[1:]:
         other = json.loads((run_dir / out / "results.json").read_text())["summary"]
@@ -326,8 +329,11 @@ def summarize(plan: Plan, arm: Arm) -> dict:
     }
 
 
-def plot_routing(tb: dict[str, list[tuple[int, float]]], path: Path) -> str:
-    """Bar chart of each routed layer's expert shares per embodiment at the last logged step."""
+def plot_routing(tb: dict[str, list[tuple[int, float]]], path: Path, embodiments: set[str]) -> str:
+    """Bar chart of each routed layer's expert shares per embodiment at the last logged step.
+
+    The training log names a routing group by every embodiment that shares its action-space descriptor
+    (`libero_panda+calvin_panda`); the legend keeps only the `embodiments` this run trained on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,19 +352,24 @@ def plot_routing(tb: dict[str, list[tuple[int, float]]], path: Path) -> str:
     layers = sorted(shares, key=lambda t: int(t.removeprefix("layer").split("_")[0]))
     fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 2.8), sharey=True, squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=True):
-        embodiments = sorted(shares[layer])
-        width = 0.8 / len(embodiments)
-        for j, emb in enumerate(embodiments):
-            row = shares[layer][emb]
-            ax.bar([e + (j - (len(embodiments) - 1) / 2) * width for e in range(len(row))], row, width=width, label=emb)
+        groups = sorted(shares[layer])
+        width = 0.8 / len(groups)
+        for j, group in enumerate(groups):
+            row = shares[layer][group]
+            label = "+".join(name for name in group.split("+") if name in embodiments) or group
+            ax.bar([e + (j - (len(groups) - 1) / 2) * width for e in range(len(row))], row, width=width, label=label)
         ax.set_title(layer, fontsize=9)
+        ax.set_xticks(range(max(len(row) for row in shares[layer].values())))
         ax.set_xlabel("expert")
     axes[0][0].set_ylabel("share of routing decisions")
     axes[0][-1].legend(fontsize=7)
+    step = max(values[-1][0] for tag, values in tb.items() if tag.startswith("routing/"))
+    fig.suptitle(f"expert usage per embodiment at step {step} (`as`: by action space, `nm`: by noise level)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path)
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 # ---- entry points ----------------------------------------------------------------------------------------------
