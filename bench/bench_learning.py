@@ -248,6 +248,8 @@ def lerobot_training_log(run_dir: Path) -> tuple[list[tuple[int, float]], list[f
     from safetensors import safe_open
 
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    # a run stopped between checkpoints logged steps it repeats after resuming: the later record of a step wins
+    records = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
     with safe_open(str(read_last(run_dir) / "model.safetensors"), "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return [(r["step"], r["loss"]) for r in records], [r["steps_per_s"] for r in records], params / 1e6
