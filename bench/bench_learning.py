@@ -123,7 +123,8 @@ def make_plan(quick: bool, eval_episodes: int | None = None, steps: int | None =
         plan.lerobot_train_args = ["--steps", str(steps or 4), "--batch-size", "4", "--num-workers", "0",
                                    "--save-every", "2", "--log-every", "1"]
         return plan
-    plan = Plan(work=REPO / "checkpoints" / "bench-learning", figures=HERE, libero_data=REPO / LIBERO_DATA, ur5e_data=REPO / UR5E_DATA)
+    plan = Plan(work=REPO / "checkpoints" / "bench-learning", figures=HERE, libero_data=REPO / LIBERO_DATA,
+                ur5e_data=REPO / UR5E_DATA)
     if steps:
         plan.train_args = ["--train.steps", str(steps), "--train.save_every", str(max(1, steps // 6))]
     plan.eval_args = ["--episodes", str(eval_episodes or 50)]
@@ -361,7 +362,7 @@ def plot_routing(tb: dict[str, list[tuple[int, float]]], path: Path, embodiments
             label = "+".join(name for name in group.split("+") if name in embodiments) or group
             ax.bar([e + (j - (len(groups) - 1) / 2) * width for e in range(len(row))], row, width=width, label=label)
         ax.set_title(layer, fontsize=9)
-        ax.set_xticks(range(max(len(row) for row in shares[layer].values())))
+        ax.set_xticks(range(max(len(shares_of) for shares_of in shares[layer].values())))
         ax.set_xlabel("expert")
     axes[0][0].set_ylabel("share of routing decisions")
     axes[0][-1].legend(fontsize=7)

@@ -14,9 +14,9 @@ with 100 (same training objective; a 100-step chunk took tens of seconds here, i
     python bench/lerobot_diffusion.py train --dataset datasets/local/libero_object_task0 --out DIR --steps 4800
     python bench/lerobot_diffusion.py eval --policy DIR/last --out DIR/eval --episodes 50 [--resume | --overwrite]
 
-Checkpoints (`DIR/step-N/`, `DIR/last` -> the newest; the two newest are kept) hold lerobot's `save_pretrained` files, the normalization
-statistics, the camera names and the optimizer state; training resumes from `last` (the sample order after a
-resume is a fresh shuffle, not the interrupted one).
+Checkpoints (`DIR/step-N/`, the two newest kept; `DIR/last` -> the newest) hold lerobot's `save_pretrained` files,
+the normalization statistics, the camera names and the optimizer state; training resumes from `last` (the sample
+order after a resume is a fresh shuffle, not the interrupted one).
 """
 
 from __future__ import annotations
