@@ -49,3 +49,25 @@ def test_bench_learning_is_partial_when_some_arms_are_chosen(monkeypatch):
     assert module.partial()
     monkeypatch.setenv(module.ARMS_ENV, ",".join(module.ARMS))
     assert not module.partial()
+
+
+def test_lerobot_log_of_a_resumed_run_keeps_the_later_record_of_each_step(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from vla.training.layout import point_last_to
+
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    ckpt = tmp_path / "step-000050"
+    ckpt.mkdir()
+    save_file({"w": torch.zeros(3, 4), "b": torch.zeros(5)}, str(ckpt / "model.safetensors"))
+    point_last_to(tmp_path, ckpt)
+    # steps 25 and 50 were logged, the run stopped before its next checkpoint, and resumed from step 25
+    records = [(25, 0.5, 0.2), (50, 0.4, 0.2), (50, 0.3, 0.25), (75, 0.2, 0.25)]
+    (tmp_path / "train_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": loss, "steps_per_s": rate}) + "\n" for s, loss, rate in records))
+
+    losses, rates, params_m = module.lerobot_training_log(tmp_path)
+    assert losses == [(25, 0.5), (50, 0.3), (75, 0.2)]
+    assert rates == [0.2, 0.25, 0.25]
+    assert params_m == 17 / 1e6
