@@ -7,11 +7,13 @@ DDPM with 100 steps, 2 observation steps, horizon 16, 8 executed actions), its o
 its pre/post-processors for normalization. Only the loop, the checkpoints and the bridge to our LIBERO evaluation
 are written here. Three changes from lerobot's defaults make it trainable and evaluable on a CPU: frames resized
 to 96 px with an 84 px random crop (lerobot's PushT image setting; our tiny-cpu model also sees 96 px), U-Net
-widths (256, 512, 1024) instead of (512, 1024, 2048) (74 M instead of 263 M parameters: the default's checkpoint
-with optimizer state is 3.2 GB and a batch-4 step took 27 s here), and DDIM with 10 sampling steps instead of DDPM
-with 100 (same training objective; a 100-step chunk took tens of seconds here, i.e. minutes per LIBERO episode).
+widths (128, 256, 512) instead of (512, 1024, 2048) (30 M instead of 263 M parameters: the default's checkpoint
+with optimizer state is 3.2 GB and a batch-4 step took 27 s here; widths (256, 512, 1024), 78 M, took 5.7 s a
+batch-32 step, 4800 steps ~7.5 h), and DDIM with 10 sampling steps instead of DDPM with 100 (same training
+objective; a 100-step chunk took tens of seconds here, i.e. minutes per LIBERO episode). The ResNet-18 encoders
+(two cameras x two observation steps) are about half of a training step at these widths.
 
-    python bench/lerobot_diffusion.py train --dataset datasets/local/libero_object_task0 --out DIR --steps 4800
+    python bench/lerobot_diffusion.py train --dataset datasets/local/libero_object_task0 --out DIR --steps 2400
     python bench/lerobot_diffusion.py eval --policy DIR/last --out DIR/eval --episodes 50 [--resume | --overwrite]
 
 Checkpoints (`DIR/step-N/`, the two newest kept; `DIR/last` -> the newest) hold lerobot's `save_pretrained` files,
@@ -61,7 +63,7 @@ def diffusion_config(dataset_root: Path):
     if missing:
         raise ValueError(f"{dataset_root} has no camera(s) {missing}; found {sorted(inputs)}")
     config = DiffusionConfig(input_features=inputs, output_features=outputs, resize_shape=(96, 96),
-                             crop_shape=(84, 84), down_dims=(256, 512, 1024), noise_scheduler_type="DDIM",
+                             crop_shape=(84, 84), down_dims=(128, 256, 512), noise_scheduler_type="DDIM",
                              num_inference_steps=10, device="cpu")
     return config, meta
 
@@ -69,7 +71,7 @@ def diffusion_config(dataset_root: Path):
 # ---- training --------------------------------------------------------------------------------------------------
 
 
-KEEP_CHECKPOINTS = 2  # each is ~0.9 GB (74 M parameters and their Adam moments)
+KEEP_CHECKPOINTS = 2  # each is ~0.35 GB (30 M parameters and their Adam moments)
 
 
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stats: dict) -> Path:
@@ -217,11 +219,11 @@ def main() -> None:
     t = sub.add_parser("train", help="train (or resume) on one LeRobot dataset")
     t.add_argument("--dataset", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True)
-    t.add_argument("--steps", type=int, default=4800)
+    t.add_argument("--steps", type=int, default=2400)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--num-workers", type=int, default=2)
     t.add_argument("--save-every", type=int, default=200,
-                   help="steps between checkpoints (~20 min of CPU training at batch 32)")
+                   help="steps between checkpoints (~10 min of CPU training at batch 32)")
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("eval", help="official-protocol LIBERO-Object task 0 evaluation of a checkpoint")
