@@ -23,8 +23,9 @@ they run. The arms:
 Reported per arm: final training loss (mean of the last 10% of logged intervals; each objective has its own
 scale), training steps/s, parameters (the action head's total and active per token for ours, the whole model for
 lerobot's), predicted actions/s at inference (batch 1, one chunk from a fresh observation, this process's
-threads), success rate and episodes, actions executed per policy query. At the full size each arm is ~65 minutes of
-training and ~8 of evaluation on 2 cores, so the runs live in `checkpoints/bench-learning/<arm>/` (which `make
+threads), success rate and episodes, actions executed per policy query (lerobot's policy is asked every step and
+runs its network every 8th). At the full size each of our arms is ~65 minutes of training and ~8 of evaluation on 2
+cores (lerobot's ~100 and ~15), so the runs live in `checkpoints/bench-learning/<arm>/` (which `make
 clean` leaves alone) and resume: training continues from its last checkpoint and evaluation from its episode log,
 so an interrupted `make bench` picks up where it stopped. `--quick` is a smoke run of the same pipeline (2
 demonstrations, 16 steps at batch 4, one 30-step episode) in `bench/_work/learning_quick/`.
