@@ -98,8 +98,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
 )}
 TINY_CPU_BATCH = 32  # the tiny-cpu preset's, which the lerobot arm matches
 LEROBOT_STEPS = 2400
-"""The lerobot arm's steps: half the preset's 4800, because at ~2.8 s a step on 2 cores (5.7 s with U-Net widths
-256-512-1024) 4800 steps would take ~4 h, more than one sitting of this machine. Read it against the tiny-cpu preset
+"""The lerobot arm's steps: half the preset's 4800, because at 2.5 s a step on 2 cores (5.7 s with U-Net widths
+256-512-1024) 4800 steps would take ~3.3 h, more than one sitting of this machine. Read it against the tiny-cpu preset
 trained on the same 2400-step schedule."""
 
 
@@ -136,7 +136,7 @@ def make_plan(quick: bool, eval_episodes: int | None = None, steps: int | None =
         plan.train_args = ["--train.steps", str(steps), "--train.save_every", str(max(1, steps // 6))]
     plan.eval_args = ["--episodes", str(eval_episodes or 50)]
     lerobot_steps = steps or LEROBOT_STEPS
-    # lerobot's arm takes ~2.8 s a step here (~2 h): checkpoints every ~5 minutes, so little is lost to a stop
+    # lerobot's arm takes ~2.5 s a step here (~100 min): checkpoints every ~5 minutes, so little is lost to a stop
     plan.lerobot_train_args = ["--steps", str(lerobot_steps), "--batch-size", str(TINY_CPU_BATCH),
                                "--save-every", str(max(1, lerobot_steps // 24))]
     return plan
