@@ -16,7 +16,7 @@ they run. The arms:
                  (as many actions per chunk as the horizons agree on), a fixed 5 and a fixed 10 actions per chunk;
                  the row gives every success rate and the actions executed per policy query
     lerobot-diffusion  lerobot's Diffusion Policy on the same dataset and batch size, for half the steps (2400:
-                 ~2 h here, its ResNet-18s alone cost more than a whole tiny-cpu step); the tiny-cpu preset on
+                 ~100 min here, its ResNet-18s alone cost more than a whole tiny-cpu step); the tiny-cpu preset on
                  the same 2400-step schedule is the row to read it against (`bench/lerobot_diffusion.py`:
                  lerobot's own dataset, model, optimizer and normalization)
 
@@ -79,6 +79,13 @@ MOH_THRESHOLD = "0.015"
 Measured on this arm: 0.01 -> 62 % at 8.6 actions per query, 0.015 -> 66 % at 13.0 (fixed 5: 71 %, fixed 10: 64 %)."""
 
 
+TINY_CPU_BATCH = 32  # the tiny-cpu preset's, which the lerobot arm matches
+LEROBOT_STEPS = 2400
+"""The lerobot arm's steps: half the preset's 4800, because at 2.5 s a step on 2 cores (5.7 s with U-Net widths
+256-512-1024) 4800 steps would take ~3.3 h, more than one sitting of this machine. Read it against the tiny-cpu preset
+trained on the same 2400-step schedule."""
+
+
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("tiny-cpu", "the preset: as,nm,nm,nm,nm,as (active FFN 512 in as, 1024 in nm)"),
     Arm("himoe", "HiMoE pattern as,hb,hb,hb,hb,as: as 3 x 1024 top-1, hb 8 x 256 top-3 + 1 shared",
@@ -94,13 +101,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         evals=(("eval", ("--policy-set", f"action.moh.agreement_threshold={MOH_THRESHOLD}")),
                ("eval-fixed5", ("--replan-steps", "5")), ("eval-fixed10", ("--replan-steps", "10")))),
     Arm("lerobot-diffusion", "lerobot DiffusionPolicy (ResNet-18, U-Net 128-256-512, DDIM 10 steps), same batch, "
-        "2400 steps", lerobot=True),
+        f"{LEROBOT_STEPS} steps", lerobot=True),
 )}
-TINY_CPU_BATCH = 32  # the tiny-cpu preset's, which the lerobot arm matches
-LEROBOT_STEPS = 2400
-"""The lerobot arm's steps: half the preset's 4800, because at 2.5 s a step on 2 cores (5.7 s with U-Net widths
-256-512-1024) 4800 steps would take ~3.3 h, more than one sitting of this machine. Read it against the tiny-cpu preset
-trained on the same 2400-step schedule."""
 
 
 @dataclass
