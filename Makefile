@@ -39,7 +39,9 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	$(PIP_INSTALL) -e '.[sim,dev]' 2>&1 | $(QUIET_PIP)
 	@# lerobot 0.4.4 pins torch<2.11; its dataset code runs fine on the pinned torch, so install it alone.
 	$(PIP_INSTALL) --no-deps lerobot==0.4.4 2>&1 | $(QUIET_PIP)
-	$(PY) -c "import vla, torch, torchvision, timm, diffusers, accelerate, lerobot.datasets.lerobot_dataset"
+	@# openpi-client (drives vla.serve in the tests) pins numpy<2 but runs on numpy 2: install it alone too.
+	$(PIP_INSTALL) --no-deps openpi-client==0.1.2 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import vla, torch, torchvision, timm, diffusers, accelerate, lerobot.datasets.lerobot_dataset, openpi_client.websocket_client_policy"
 	@touch $@
 
 test: setup

@@ -187,10 +187,11 @@ def run(quick: bool = False) -> list[dict]:
         "benchmark": "MiniLM instruction cache",
         "metric": "uncached / cached ms, 32 instructions",
         "value": round(cold / warm, 1),
-        "goal": ">= 5",
-        "met": cold / warm >= 5,
+        "goal": "",
+        "met": None,
         "figures": {"uncached_ms": round(cold, 2), "cached_ms": round(warm, 3)},
-        "notes": "cached = projection of stored frozen features only",
+        "notes": "cached = projection of stored frozen features only; no goal: a lookup of stored features is "
+                 "cheaper than a transformer forward by construction, the ratio only says by how much",
     })
 
     steps, batch = (30, 8) if quick else (200, 8)

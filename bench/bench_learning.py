@@ -6,6 +6,7 @@ Every arm is the `tiny-cpu` preset with one thing changed, trained by `train.py`
 they run. The arms:
 
     tiny-cpu     the preset as it is (layers as,nm,nm,nm,nm,as) on LIBERO data alone
+    tiny-cpu-2400  the preset on the lerobot arm's 2400-step schedule (the row that arm is read against)
     himoe        HiMoE pattern as,hb,hb,hb,hb,as          active FFN width 1024 per layer
     mode         MoDE pattern nm x 6 (4 x 512, top-2)      active FFN width 1024 per layer
     dense        d x 6, FFN 1024                           the active width of the two MoE arms
@@ -16,7 +17,7 @@ they run. The arms:
                  (as many actions per chunk as the horizons agree on), a fixed 5 and a fixed 10 actions per chunk;
                  the row gives every success rate and the actions executed per policy query
     lerobot-diffusion  lerobot's Diffusion Policy on the same dataset and batch size, for half the steps (2400:
-                 ~100 min here, its ResNet-18s alone cost more than a whole tiny-cpu step); the tiny-cpu preset on
+                 ~100 min here, its ResNet-18s alone cost more than a whole tiny-cpu step); `tiny-cpu-2400` on
                  the same 2400-step schedule is the row to read it against (`bench/lerobot_diffusion.py`:
                  lerobot's own dataset, model, optimizer and normalization)
 
@@ -71,6 +72,9 @@ class Arm:
     two_embodiments: bool = False
     lerobot: bool = False
     evals: tuple[tuple[str, tuple[str, ...]], ...] = (("eval", ()),)
+    steps: int = 0
+    """Training steps of this arm when the run does not set them (0: the preset's); a `--steps` or `--quick`
+    run sets every arm's steps."""
 
 
 MOH_THRESHOLD = "0.015"
@@ -100,6 +104,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         ("--action.chunk_size", "20", "--action.moh.horizons", "5,10,15,20", "--action.moh.dynamic", "true"),
         evals=(("eval", ("--policy-set", f"action.moh.agreement_threshold={MOH_THRESHOLD}")),
                ("eval-fixed5", ("--replan-steps", "5")), ("eval-fixed10", ("--replan-steps", "10")))),
+    Arm("tiny-cpu-2400", f"the preset on the lerobot arm's {LEROBOT_STEPS}-step schedule (its learning-rate schedule "
+        "compressed to those steps): the row the lerobot arm is read against", steps=LEROBOT_STEPS),
     Arm("lerobot-diffusion", "lerobot DiffusionPolicy (ResNet-18, U-Net 128-256-512, DDIM 10 steps), same batch, "
         f"{LEROBOT_STEPS} steps", lerobot=True),
 )}
@@ -185,6 +191,15 @@ def write_mixture(plan: Plan, arm: Arm) -> Path:
     return path
 
 
+def arm_train_args(plan: Plan, arm: Arm) -> list[str]:
+    """train.py flags of one arm: the plan's size, then the arm's changes; an arm's own step count applies only
+    where the plan leaves the steps to the preset (a quick run stays quick)."""
+    args = [*plan.train_args, *arm.overrides]
+    if arm.steps and "--train.steps" not in plan.train_args:
+        args += ["--train.steps", str(arm.steps), "--train.save_every", str(max(1, arm.steps // 6))]
+    return args
+
+
 def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
     """Train (resuming) and evaluate (resuming unless the checkpoint changed) one arm; return its run dir."""
     py, run_dir = sys.executable, plan.work / arm.name
@@ -199,7 +214,7 @@ def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
     mixture = write_mixture(plan, arm)
     before = read_last(run_dir)
     stage([py, "train.py", "--preset", "tiny-cpu", "--data.mixture", str(mixture), "--train.run_name", arm.name,
-           "--train.output_dir", str(plan.work), "--train.resume", "true", *plan.train_args, *arm.overrides],
+           "--train.output_dir", str(plan.work), "--train.resume", "true", *arm_train_args(plan, arm)],
           run_dir / "bench.log")
     again = "--resume" if read_last(run_dir) == before else "--overwrite"
     for out, flags in arm.evals:
@@ -265,6 +280,13 @@ def lerobot_training_log(run_dir: Path) -> tuple[list[tuple[int, float]], list[f
     with safe_open(str(read_last(run_dir) / "model.safetensors"), "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return [(r["step"], r["loss"]) for r in records], [r["steps_per_s"] for r in records], params / 1e6
+
+
+SUCCESS_METRIC = "LIBERO-Object task 0 success (official init states)"
+CHUNK_TIMING = ("chunks_per_s: reset() + one select_action on a fresh observation, median of 5 single calls after "
+                "a warm-up (not back-to-back; bench_policy times back-to-back predict_action_chunk calls)")
+"""How `chunks_per_s` is timed, named beside the figure: single cold-ish queries cost more than the back-to-back
+calls of bench_policy's chunk-rate rows, so the two figures differ for the same preset."""
 
 
 def inference_rate(run_dir: Path, arm: Arm, repeats: int = 5) -> tuple[float, int]:
@@ -334,12 +356,12 @@ def summarize(plan: Plan, arm: Arm) -> dict:
         figures[f"{out}_actions_per_query"] = round(other["actions_per_query"], 2)
     return {
         "benchmark": f"learning: {arm.name}",
-        "metric": "LIBERO-Object task 0 success (official init states)",
+        "metric": SUCCESS_METRIC,
         "value": round(summary["success_rate"], 3),
-        "goal": "report",
+        "goal": "",
         "met": None,
         "figures": figures,
-        "notes": f"{arm.what}; complete={results.get('complete')}",
+        "notes": f"{arm.what}; complete={results.get('complete')}; {CHUNK_TIMING}",
     }
 
 
@@ -398,9 +420,11 @@ def compare(plan: Plan, arms: list[str]) -> list[dict]:
         try:
             train_and_evaluate(plan, arm)
             rows.append(summarize(plan, arm))
-        except Exception as e:  # noqa: BLE001 - one failed arm is a row saying why, the others still run
-            rows.append({"benchmark": f"learning: {name}", "metric": "LIBERO-Object task 0 success", "value": "error",
-                         "goal": "report", "met": None, "figures": {}, "notes": str(e).splitlines()[0]})
+        except Exception as e:  # noqa: BLE001 - the others still run; bench/run.py fails the run on this row
+            message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"learning arm {name} FAILED: {message}", file=sys.stderr, flush=True)
+            rows.append({"benchmark": f"learning: {name}", "metric": SUCCESS_METRIC, "value": "error",
+                         "error": message, "goal": "", "met": None, "figures": {}, "notes": arm.what})
         rows[-1]["seconds"] = round(time.perf_counter() - start, 1)
     return rows
 

@@ -16,6 +16,11 @@ objective; a 100-step chunk took tens of seconds here, i.e. minutes per LIBERO e
     python bench/lerobot_diffusion.py train --dataset datasets/local/libero_object_task0 --out DIR --steps 2400
     python bench/lerobot_diffusion.py eval --policy DIR/last --out DIR/eval --episodes 50 [--resume | --overwrite]
 
+Image normalization: lerobot 0.4.4's `compute_stats` squares uint8 pixels before converting them to float, so the
+image std in a `meta/stats.json` it wrote is ~0.001 where the true value is ~0.2, and its pre-processor (MEAN_STD)
+would scale images by hundreds. `float_image_stats` recomputes every camera's statistics in float from the decoded
+frames, and those are what the pre-processor gets (and what the checkpoints store).
+
 Checkpoints (`DIR/step-N/`, the two newest kept; `DIR/last` -> the newest) hold lerobot's `save_pretrained` files,
 the normalization statistics, the camera names and the optimizer state; training resumes from `last` (the sample
 order after a resume is a fresh shuffle, not the interrupted one).
@@ -74,6 +79,37 @@ def diffusion_config(dataset_root: Path):
 KEEP_CHECKPOINTS = 2  # each is ~0.35 GB (30 M parameters and their Adam moments)
 
 
+IMAGE_STATS_FRAMES = 2000
+"""Frames, evenly spaced over the dataset, that camera statistics are recomputed from (all of a smaller dataset)."""
+
+
+def float_image_stats(dataset_root: Path, meta, max_frames: int = IMAGE_STATS_FRAMES) -> dict:
+    """`meta.stats` with every camera's mean/std/min/max recomputed in float64 from decoded frames.
+
+    lerobot's own image statistics overflow (uint8 pixels squared), so they cannot be handed to its normalizer.
+    Frames are decoded through the dataset's own transform (CHW float in [0, 1]), so the numbers are in the units
+    the pre-processor sees; the result has lerobot's shapes ((3, 1, 1) per camera) and the other features' stats
+    unchanged.
+    """
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    dataset = LeRobotDataset(repo_id=meta.repo_id, root=dataset_root)
+    n = len(dataset)
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int)).tolist()
+    stats = {key: dict(values) for key, values in meta.stats.items()}
+    for key in meta.camera_keys:
+        column = dataset.hf_dataset.select_columns([key])
+        frames = torch.stack([column[i][key] for i in rows]).double()  # (N, 3, H, W)
+        per_channel = frames.transpose(0, 1).reshape(frames.shape[1], -1)
+        stats[key] = {**stats.get(key, {}),
+                      "mean": per_channel.mean(1).view(-1, 1, 1).numpy(),
+                      "std": per_channel.std(1, correction=0).view(-1, 1, 1).numpy(),
+                      "min": per_channel.min(1).values.view(-1, 1, 1).numpy(),
+                      "max": per_channel.max(1).values.view(-1, 1, 1).numpy(),
+                      "count": np.array([len(rows)])}
+    return stats
+
+
 def save_checkpoint(out: Path, step: int, policy, optimizer, scheduler, stats: dict) -> Path:
     """Write step-N/ through a temporary directory and repoint `last`: a crash leaves the previous one intact.
     Older checkpoints beyond the newest `KEEP_CHECKPOINTS` are deleted once the new one is in place."""
@@ -111,7 +147,8 @@ def train(dataset_root: Path, out: Path, steps: int, batch_size: int, num_worker
         policy = DiffusionPolicy.from_pretrained(str(last))
     else:
         policy = DiffusionPolicy(config)
-    preprocessor, _ = make_diffusion_pre_post_processors(policy.config, dataset_stats=meta.stats)
+    stats = float_image_stats(dataset_root, meta)
+    preprocessor, _ = make_diffusion_pre_post_processors(policy.config, dataset_stats=stats)
     optimizer = policy.config.get_optimizer_preset().build(policy.get_optim_params())
     scheduler = policy.config.get_scheduler_preset().build(optimizer, steps)
     if last is not None:
@@ -153,7 +190,7 @@ def train(dataset_root: Path, out: Path, steps: int, batch_size: int, num_worker
             bar.set_postfix(loss=f"{record['loss']:.4g}")
             t0, last_step = time.perf_counter(), step
         if step % save_every == 0 or step == steps:
-            save_checkpoint(out, step, policy, optimizer, scheduler, meta.stats)
+            save_checkpoint(out, step, policy, optimizer, scheduler, stats)
     bar.close()
     log.close()
 

@@ -49,6 +49,8 @@ from vla.sim import libero_env as L
 
 STATE_NAMES = ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "gripper_left", "gripper_right"]
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
+ROBOT_TYPE = "libero_panda"
+"""The dataset's `robot_type`: the registered embodiment name, so `data.embodiment` can be left empty."""
 POS_SCALE = 0.05
 """OSC_POSE: an action of 1.0 moves the position set-point by 0.05 m."""
 ROT_SCALE = 0.5
@@ -584,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         task_ids=args.tasks,
         features=demo_features(("agentview", "wrist"), args.image_size, STATE_NAMES, ACTION_NAMES),
         fps=L.CONTROL_FREQ,
-        robot_type="panda",
+        robot_type=ROBOT_TYPE,
         request=request,
     )
 

@@ -1,19 +1,30 @@
 #!/usr/bin/env python
-"""Scripted-expert robosuite demonstrations of a second embodiment (UR5e, OSC_POSITION), as a LeRobot v3 dataset.
+"""Scripted-expert robosuite demonstrations of several robots and action spaces, as LeRobot v3 datasets.
 
-A different robot and action space than LIBERO's Panda, so that a real two-embodiment mixture exists: a UR5e
-with a Robotiq 85 gripper under robosuite's OSC_POSITION controller, whose action is 4-dim (dx, dy, dz in
-[-1, 1] with 1.0 = 0.05 m, gripper -1 open / +1 close); the orientation is held by the controller. The expert
-reads the cube poses from the simulator and moves through waypoints: above the cube, down, close, up, and for
-`stack` over the other cube, down, open. Each episode draws a small style (grasp offset, speed, heights) and
-adds per-step noise. Only successful episodes are kept.
+robosuite supplies the robots LIBERO lacks, so a mixture can hold real heterogeneity: different arms, grippers,
+action spaces, control rates and camera set-ups. `--robot` picks one embodiment of `ROBOTS` (each one registry
+entry in `datasets/embodiments.yaml`, except the UR5e, which is built in):
 
-Recorded per step at 20 fps: cameras `frontview` and `robot0_eye_in_hand` (upright), state (8,) = eef position
-(3) + eef axis-angle (3) + the two driven gripper joints (2), the 4-dim action as sent, and the task string.
-Embodiment name in the registry: `robosuite_ur5e_osc`.
+    ur5e_osc_position    UR5e + Robotiq 85, OSC_POSITION (3 + 1), 20 Hz, frontview + wrist, 128 px  (default)
+    panda_osc_position   Panda (robosuite's own), OSC_POSITION (3 + 1), 10 Hz, agentview only, 96 px
+    iiwa_joint_position  IIWA + Robotiq 140, JOINT_POSITION deltas (7 + 1), 20 Hz, sideview + wrist, 112 px
+    panda_bimanual       two Pandas (opposed), OSC_POSE per arm (2 x (6 + 1) = 14), 20 Hz, frontview only, 128 px
+    kinova3_osc_pose     Kinova Gen3 + Robotiq 85, OSC_POSE (6 + 1), 10 Hz, agentview + wrist, 128 px
+
+The expert reads object poses from the simulator and plans one Cartesian waypoint sequence per arm (above the
+object, down, close, up; for `stack` over the other cube, down, open); a per-controller adapter turns the
+Cartesian command into the robot's own action: a position delta (OSC_POSITION), a position and axis-angle delta
+that holds the grasp orientation (OSC_POSE), or joint-position deltas solved through the arm's Jacobian
+(JOINT_POSITION, damped least squares). Each episode draws a small style (grasp offset, speed, heights) and adds
+per-step noise. Only successful episodes are kept.
+
+Recorded per step at the robot's control rate: the robot's cameras (upright), its state (see `state_names`), the
+action as sent, and the task string. The dataset's `robot_type` is the embodiment's registry name.
 
     python datasets/robosuite_expert.py --tasks lift --episodes 50
-    python datasets/robosuite_expert.py --tasks lift,stack --episodes 20 --workers 2
+    python datasets/robosuite_expert.py --robot panda_osc_position --tasks lift,stack --episodes 20
+    python datasets/robosuite_expert.py --robot panda_bimanual --tasks two_arm_lift --episodes 20
+    python datasets/robosuite_expert.py --robot iiwa_joint_position --tasks lift --check 10   # expert only, no files
 """
 
 from __future__ import annotations
@@ -34,82 +45,263 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
 
 from vla.data.recording import (
     Episode,
+    TaskStats,
     demo_features,
+    episode_seed,
+    format_summary,
     parse_recording_args,
     record_from_args,
     recording_parser,
 )
 from vla.sim.libero_env import disable_msaa, quat_to_axis_angle
 
-EMBODIMENT = "robosuite_ur5e_osc"
-ROBOT = "UR5e"
-CONTROLLER = "OSC_POSITION"
-CONTROL_FREQ = 20
-CAMERAS = ("frontview", "robot0_eye_in_hand")
-STATE_NAMES = ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "gripper_left", "gripper_right"]
-ACTION_NAMES = ["dx", "dy", "dz", "gripper"]
-GRIPPER_JOINTS = (0, 3)
-"""Indices of the Robotiq 85's two driven joints (finger_joint, right_outer_knuckle_joint) in robot0_gripper_qpos."""
 POS_SCALE = 0.05
-"""OSC_POSITION: an action of 1.0 moves the position set-point by 0.05 m."""
+"""OSC_POSITION / OSC_POSE: an action of 1.0 moves the position set-point by 0.05 m."""
+ROT_SCALE = 0.5
+"""OSC_POSE: an action of 1.0 turns the orientation set-point by 0.5 rad."""
+JOINT_SCALE = 0.05
+"""JOINT_POSITION: an action of 1.0 moves a joint's set-point by 0.05 rad."""
 OPEN, CLOSE = -1.0, 1.0
 SETTLE_STEPS = 5
 
 TASKS = {
     "lift": ("Lift", "lift the red cube"),
     "stack": ("Stack", "stack the red cube on the green cube"),
+    "two_arm_lift": ("TwoArmLift", "lift the pot by its two handles"),
 }
-"""Task name -> (robosuite environment, instruction). Task ids are positions in this dict."""
+"""Task name -> (robosuite environment, instruction). Task ids are positions in this dict (they seed episodes)."""
 TASK_NAMES = list(TASKS)
 
 
-def make_env(env_name: str, image_size: int, render: bool = True):
-    """A robosuite env of the UR5e under OSC_POSITION with the two recorded cameras (rendered on demand)."""
+@dataclass(frozen=True)
+class RobotSpec:
+    """One embodiment this generator records: what robosuite builds and what lands in the dataset.
+
+    Attributes:
+        embodiment: registry name, written as the dataset's `robot_type`.
+        robots: robosuite robot names, one per arm.
+        controller: robosuite controller of every arm (OSC_POSITION, OSC_POSE or JOINT_POSITION).
+        control_freq: actions per second (also the dataset's fps).
+        cameras: recorded robosuite cameras.
+        image_size: default square resolution of those cameras.
+        tasks: the task names of `TASKS` the expert can do with these arms.
+        gripper_joints: indices of the two driven joints in `robot<i>_gripper_qpos` (the recorded finger state).
+        out_prefix: default dataset directory name before the task names.
+    """
+
+    embodiment: str
+    robots: tuple[str, ...]
+    controller: str
+    control_freq: int
+    cameras: tuple[str, ...]
+    image_size: int
+    tasks: tuple[str, ...]
+    gripper_joints: tuple[int, int]
+    out_prefix: str
+
+    @property
+    def arm_action_names(self) -> list[str]:
+        if self.controller == "OSC_POSITION":
+            return ["dx", "dy", "dz", "gripper"]
+        if self.controller == "OSC_POSE":
+            return ["dx", "dy", "dz", "drx", "dry", "drz", "gripper"]
+        return [f"dq{j}" for j in range(7)] + ["gripper"]
+
+    @property
+    def arm_state_names(self) -> list[str]:
+        names = ["eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "gripper_left", "gripper_right"]
+        return names + ([f"q{j}" for j in range(7)] if self.controller == "JOINT_POSITION" else [])
+
+    def _per_arm(self, names: list[str]) -> list[str]:
+        return names if len(self.robots) == 1 else [f"r{i}_{n}" for i in range(len(self.robots)) for n in names]
+
+    @property
+    def action_names(self) -> list[str]:
+        return self._per_arm(self.arm_action_names)
+
+    @property
+    def state_names(self) -> list[str]:
+        return self._per_arm(self.arm_state_names)
+
+    @property
+    def arm_action_dim(self) -> int:
+        return len(self.arm_action_names)
+
+    def idle_action(self) -> np.ndarray:
+        """Hold still with open grippers (every controller here is a delta controller: zero = stay)."""
+        action = np.zeros(self.arm_action_dim * len(self.robots))
+        action[self.arm_action_dim - 1 :: self.arm_action_dim] = OPEN
+        return action
+
+
+SINGLE_ARM_TASKS = ("lift", "stack")
+ROBOTS = {
+    "ur5e_osc_position": RobotSpec("robosuite_ur5e_osc", ("UR5e",), "OSC_POSITION", 20,
+                                   ("frontview", "robot0_eye_in_hand"), 128, SINGLE_ARM_TASKS, (0, 3),
+                                   "robosuite_ur5e"),
+    "panda_osc_position": RobotSpec("robosuite_panda_osc", ("Panda",), "OSC_POSITION", 10, ("agentview",), 96,
+                                    SINGLE_ARM_TASKS, (0, 1), "robosuite_panda"),
+    "iiwa_joint_position": RobotSpec("robosuite_iiwa_joint_pos", ("IIWA",), "JOINT_POSITION", 20,
+                                     ("sideview", "robot0_eye_in_hand"), 112, SINGLE_ARM_TASKS, (0, 3),
+                                     "robosuite_iiwa"),
+    "panda_bimanual": RobotSpec("robosuite_bimanual_panda_osc_pose", ("Panda", "Panda"), "OSC_POSE", 20,
+                                ("frontview",), 128, ("two_arm_lift",), (0, 1), "robosuite_bimanual_panda"),
+    "kinova3_osc_pose": RobotSpec("robosuite_kinova3_osc_pose", ("Kinova3",), "OSC_POSE", 10,
+                                  ("agentview", "robot0_eye_in_hand"), 128, SINGLE_ARM_TASKS, (0, 3),
+                                  "robosuite_kinova3"),
+}
+"""`--robot` name -> embodiment. Their registry entries: `datasets/embodiments.yaml` (the UR5e is built in)."""
+DEFAULT_ROBOT = "ur5e_osc_position"
+HELD_OUT_ROBOT = "kinova3_osc_pose"
+"""Not in the pretraining mixture: the new robot a pretrained policy is fine-tuned on."""
+
+# The default embodiment, as module constants (what `bench/` and older callers read).
+EMBODIMENT = ROBOT_TYPE = ROBOTS[DEFAULT_ROBOT].embodiment
+ROBOT = ROBOTS[DEFAULT_ROBOT].robots[0]
+CONTROLLER = ROBOTS[DEFAULT_ROBOT].controller
+CONTROL_FREQ = ROBOTS[DEFAULT_ROBOT].control_freq
+CAMERAS = ROBOTS[DEFAULT_ROBOT].cameras
+STATE_NAMES = ROBOTS[DEFAULT_ROBOT].state_names
+ACTION_NAMES = ROBOTS[DEFAULT_ROBOT].action_names
+
+
+def make_env(spec: RobotSpec, env_name: str, render: bool = True):
+    """A robosuite env of the spec's arms and controller (cameras rendered on demand, never as observations)."""
     os.environ.setdefault("MUJOCO_GL", "egl")
     import robosuite
     from robosuite import load_controller_config
 
+    two_arms = len(spec.robots) > 1
     env = robosuite.make(
         env_name,
-        robots=ROBOT,
-        controller_configs=load_controller_config(default_controller=CONTROLLER),
+        robots=list(spec.robots) if two_arms else spec.robots[0],
+        controller_configs=load_controller_config(default_controller=spec.controller),
+        **({"env_configuration": "single-arm-opposed"} if two_arms else {}),
         has_renderer=False,
         has_offscreen_renderer=render,
         use_camera_obs=False,  # cameras are rendered only for recorded frames, see `render_upright`
-        control_freq=CONTROL_FREQ,
+        control_freq=spec.control_freq,
         horizon=10_000,
         ignore_done=True,
-        hard_reset=False,  # reset re-samples the cubes in place instead of rebuilding the model
+        hard_reset=False,  # reset re-samples the objects in place instead of rebuilding the model
     )
     if render:
         disable_msaa(env.sim)  # ~1.5x faster software rendering, same look at 128 px
     return env
 
 
-def render_upright(env, image_size: int) -> dict[str, np.ndarray]:
+def render_upright(env, cameras: tuple[str, ...], image_size: int) -> dict[str, np.ndarray]:
     """Camera name -> uint8 (S, S, 3) image, flipped upright (MuJoCo renders bottom-up)."""
     return {
         cam: np.ascontiguousarray(env.sim.render(camera_name=cam, width=image_size, height=image_size)[::-1])
-        for cam in CAMERAS
+        for cam in cameras
     }
 
 
-def robot_state(obs: dict) -> np.ndarray:
-    """float32 (8,): eef position, eef axis-angle, the two driven gripper joint positions."""
-    gripper = np.asarray(obs["robot0_gripper_qpos"])[list(GRIPPER_JOINTS)]
-    return np.concatenate([obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]), gripper]).astype(
-        np.float32
-    )
+def robot_state(obs: dict, spec: RobotSpec) -> np.ndarray:
+    """float32 state of every arm: eef position, eef axis-angle, the two driven gripper joints (+ the 7 joint
+    positions under joint control, where they are what the action moves)."""
+    parts = []
+    for i in range(len(spec.robots)):
+        gripper = np.asarray(obs[f"robot{i}_gripper_qpos"])[list(spec.gripper_joints)]
+        parts += [obs[f"robot{i}_eef_pos"], quat_to_axis_angle(obs[f"robot{i}_eef_quat"]), gripper]
+        if spec.controller == "JOINT_POSITION":
+            parts.append(np.arctan2(obs[f"robot{i}_joint_pos_sin"], obs[f"robot{i}_joint_pos_cos"]))
+    return np.concatenate(parts).astype(np.float32)
 
 
-# ---- the expert ----------------------------------------------------------------------------------------------------
+# ---- from a Cartesian command to the robot's own action ------------------------------------------------------------
+
+
+def quat_to_matrix(quat_xyzw: np.ndarray) -> np.ndarray:
+    x, y, z, w = np.asarray(quat_xyzw, dtype=np.float64) / np.linalg.norm(quat_xyzw)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """World-frame axis-angle (3,) of the rotation that turns `current` into `target` (both 3x3)."""
+    r = target @ current.T
+    angle = np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))
+    if angle < 1e-8:
+        return np.zeros(3)
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    norm = np.linalg.norm(axis)
+    if norm < 1e-8:  # angle ~ pi: take the axis from the symmetric part
+        axis = np.sqrt(np.maximum((np.diag(r) + 1.0) / 2.0, 0.0))
+        norm = np.linalg.norm(axis)
+    return axis / norm * angle
+
+
+def pointing_down(rotation: np.ndarray) -> np.ndarray:
+    """`rotation` (3x3, an end effector whose z axis is its approach direction) turned by the smallest rotation
+    that points that axis straight down: the grasp orientation an expert holds, keeping the hand's yaw."""
+    approach, down = rotation[:, 2], np.array([0.0, 0.0, -1.0])
+    axis = np.cross(approach, down)
+    s, c = np.linalg.norm(axis), float(approach @ down)
+    if s < 1e-9:
+        return rotation
+    k = axis / s
+    skew = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return (np.eye(3) + s * skew + (1.0 - c) * skew @ skew) @ rotation
+
+
+def rot_z(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+class ArmAdapter:
+    """Turns one arm's Cartesian command (a position step in OSC_POSITION units and a gripper command) into that
+    arm's action under its controller, holding the orientation `hold` (3x3, world) where the controller can turn.
+
+    JOINT_POSITION has no Cartesian input, so the step and the orientation correction are mapped to joint deltas
+    through the arm's 6 x 7 Jacobian (damped least squares: well-behaved near singularities)."""
+
+    ROT_GAIN = 1.0
+    JOINT_GAIN = 2.0  # the joint PD controller reaches its set-point more slowly than OSC: ask for a longer step
+    DAMPING = 0.05
+
+    def __init__(self, env, arm: int, controller: str, hold: np.ndarray):
+        self.env, self.arm, self.controller, self.hold = env, arm, controller, hold
+
+    def orientation(self, obs: dict) -> np.ndarray:
+        return quat_to_matrix(obs[f"robot{self.arm}_eef_quat"])
+
+    def action(self, obs: dict, move: np.ndarray, gripper: float, rng: np.random.Generator | None,
+               noise: float) -> np.ndarray:
+        """move: (3,) position step, 1.0 = 0.05 m, already noisy; rng: draws rotation noise (None: none)."""
+        if self.controller == "OSC_POSITION":
+            return np.r_[move, gripper]
+        rot = self.ROT_GAIN * rotation_error(self.hold, self.orientation(obs))
+        if self.controller == "OSC_POSE":
+            rot = rot / ROT_SCALE
+            if rng is not None:
+                rot = rot + rng.normal(0.0, noise / 2, 3)
+            return np.r_[move, rot, gripper]
+        controller = self.env.robots[self.arm].controller
+        controller.update(force=True)  # kinematics of the current state
+        jac = np.asarray(controller.J_full)
+        twist = np.r_[np.clip(move, -1.0, 1.0) * POS_SCALE, np.clip(rot, -0.3, 0.3)]
+        dq = jac.T @ np.linalg.solve(jac @ jac.T + self.DAMPING**2 * np.eye(6), twist)
+        dq = self.JOINT_GAIN * dq / JOINT_SCALE
+        peak = np.abs(dq).max()
+        if peak > 1.0:  # scale, not clip: keep the direction of the joint step
+            dq /= peak
+        return np.r_[dq, gripper]
+
+
+# ---- the experts ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Style:
     """Per-episode variation of the expert."""
 
-    grasp_offset: np.ndarray  # (3,) m added to the cube centre at the grasp
+    grasp_offset: np.ndarray  # (3,) m added to the object's grasp point
     place_offset: np.ndarray  # (2,) m added to the lower cube's centre when stacking
     lift_height: float  # m above the table while carrying
     speed: float  # max translation action
@@ -126,8 +318,17 @@ class Style:
         )
 
 
+def position_step(target: np.ndarray, eef: np.ndarray, gain: float, speed: float) -> np.ndarray:
+    """A proportional step towards `target` in OSC_POSITION units, its norm limited to `speed`."""
+    move = gain * (target - eef) / POS_SCALE
+    norm = np.linalg.norm(move)
+    if norm > speed:
+        move *= speed / norm
+    return move
+
+
 class CubeExpert:
-    """Waypoints for Lift (approach, descend, close, lift) and Stack (+ carry, lower, open, retreat)."""
+    """Waypoints for Lift (approach, descend, close, lift) and Stack (+ carry, lower, open, retreat), one arm."""
 
     GAIN = 1.5
     BUDGET: ClassVar[dict[str, int]] = {
@@ -138,12 +339,14 @@ class CubeExpert:
         "open": "retreat", "retreat": "retreat",
     }
 
-    def __init__(self, env, task: str, rng: np.random.Generator, style: Style | None = None):
-        self.env, self.task, self.rng = env, task, rng
+    def __init__(self, env, task: str, rng: np.random.Generator, spec: RobotSpec, obs: dict,
+                 style: Style | None = None):
+        self.env, self.task, self.rng, self.spec = env, task, rng, spec
         self.style = style or Style.sample(rng)
         self.table_z = float(env.model.mujoco_arena.table_offset[2])
         self.pick_body = env.cube_body_id if task == "lift" else env.cubeA_body_id
         self.phase, self.phase_steps, self._hold = "approach", 0, np.zeros(3)
+        self.arm = ArmAdapter(env, 0, spec.controller, pointing_down(quat_to_matrix(obs["robot0_eef_quat"])))
 
     def _pos(self, body: int) -> np.ndarray:
         return np.array(self.env.sim.data.body_xpos[body])
@@ -171,22 +374,23 @@ class CubeExpert:
         return np.r_[self._hold[:2], carry_z], OPEN, -1.0
 
     def act(self, obs: dict) -> np.ndarray:
-        """The next 4-dim action (float32)."""
+        """The next action in the robot's own space (float32, in [-1, 1])."""
         eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
         target, gripper, tol = self._waypoint()
         if (tol > 0 and np.linalg.norm(target - eef) < tol) or self.phase_steps >= self.BUDGET[self.phase]:
             if self.phase in ("descend", "lower"):
                 self._hold = eef.copy()
-            self.phase, self.phase_steps = self.NEXT[self.phase], 0
+            nxt = self.NEXT[self.phase]
+            self.phase = self.phase if (self.task == "lift" and nxt == "carry") else nxt  # Lift ends lifting
+            self.phase_steps = 0
             target, gripper, tol = self._waypoint()
         self.phase_steps += 1
-        move = self.GAIN * (target - eef) / POS_SCALE
-        norm = np.linalg.norm(move)
-        if norm > self.style.speed:
-            move *= self.style.speed / norm
-        if self.phase not in ("close", "open"):
+        move = position_step(target, eef, self.GAIN, self.style.speed)
+        noisy = self.phase not in ("close", "open")
+        if noisy:
             move = move + self.rng.normal(0.0, self.style.noise, 3)
-        return np.clip(np.r_[move, gripper], -1.0, 1.0).astype(np.float32)
+        action = self.arm.action(obs, move, gripper, self.rng if noisy else None, self.style.noise)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
 
     @property
     def may_succeed(self) -> bool:
@@ -194,35 +398,114 @@ class CubeExpert:
         return self.phase in ("lift", "carry") if self.task == "lift" else self.phase in ("open", "retreat")
 
 
-class RobosuiteExpertRunner:
-    """Seeded expert episodes of the robosuite tasks; keeps one env per task between episodes."""
+def finger_direction(env, arm: int) -> np.ndarray:
+    """Unit xy direction along which arm `arm`'s fingers close (between its two finger pads)."""
+    gripper = env.robots[arm].gripper
+    left, right = (env.sim.data.geom_xpos[env.sim.model.geom_name2id(gripper.important_geoms[side][0])]
+                   for side in ("left_finger", "right_finger"))
+    d = (left - right)[:2]
+    return d / np.linalg.norm(d)
 
-    def __init__(self, image_size: int, max_steps: int):
+
+class PotExpert:
+    """TwoArmLift: each arm turns its fingers across its handle's bar, approaches it from above, descends, both
+    close, and both lift together (the phase advances only when both arms are there, or on the step budget)."""
+
+    GAIN = 1.5
+    BUDGET: ClassVar[dict[str, int]] = {"approach": 80, "descend": 50, "close": 15, "lift": 10_000}
+    NEXT: ClassVar[dict[str, str]] = {"approach": "descend", "descend": "close", "close": "lift", "lift": "lift"}
+
+    def __init__(self, env, task: str, rng: np.random.Generator, spec: RobotSpec, obs: dict,
+                 style: Style | None = None):
+        self.env, self.rng, self.spec = env, rng, spec
+        self.style = style or Style.sample(rng)
+        self.table_z = float(env.model.mujoco_arena.table_offset[2])
+        self.phase, self.phase_steps = "approach", 0
+        self._hold = [np.zeros(3), np.zeros(3)]
+        bar = self._handles()[1][:2] - self._handles()[0][:2]
+        self.arms = []
+        for i in range(2):
+            closing = finger_direction(env, i)
+            yaw = np.arctan2(bar[1], bar[0]) - np.arctan2(closing[1], closing[0])
+            yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2  # fingers are symmetric: the smaller of the two turns
+            self.arms.append(ArmAdapter(env, i, spec.controller, rot_z(yaw) @ quat_to_matrix(obs[f"robot{i}_eef_quat"])))
+
+    def _handles(self) -> list[np.ndarray]:
+        return [np.array(self.env._handle0_xpos), np.array(self.env._handle1_xpos)]
+
+    def _waypoints(self) -> list[tuple[np.ndarray, float, float]]:
+        out = []
+        for i, handle in enumerate(self._handles()):
+            grasp = handle + self.style.grasp_offset
+            p = self.phase
+            if p == "approach":
+                out.append((np.r_[grasp[:2], grasp[2] + 0.08], OPEN, 0.01))
+            elif p == "descend":
+                out.append((grasp, OPEN, 0.006))
+            elif p == "close":
+                out.append((self._hold[i], CLOSE, -1.0))
+            else:
+                out.append((np.r_[self._hold[i][:2], self.table_z + 0.15 + self.style.lift_height], CLOSE, -1.0))
+        return out
+
+    def act(self, obs: dict) -> np.ndarray:
+        eefs = [np.asarray(obs[f"robot{i}_eef_pos"], dtype=np.float64) for i in range(2)]
+        points = self._waypoints()
+        reached = all(tol > 0 and np.linalg.norm(t - e) < tol for (t, _, tol), e in zip(points, eefs, strict=True))
+        if reached or self.phase_steps >= self.BUDGET[self.phase]:
+            if self.phase == "descend":
+                self._hold = [e.copy() for e in eefs]
+            self.phase, self.phase_steps = self.NEXT[self.phase], 0
+            points = self._waypoints()
+        self.phase_steps += 1
+        noisy = self.phase != "close"
+        parts = []
+        for arm, (target, gripper, _), eef in zip(self.arms, points, eefs, strict=True):
+            move = position_step(target, eef, self.GAIN, self.style.speed)
+            if noisy:
+                move = move + self.rng.normal(0.0, self.style.noise, 3)
+            parts.append(arm.action(obs, move, gripper, self.rng if noisy else None, self.style.noise))
+        return np.clip(np.concatenate(parts), -1.0, 1.0).astype(np.float32)
+
+    @property
+    def may_succeed(self) -> bool:
+        return self.phase == "lift"
+
+
+EXPERTS = {"lift": CubeExpert, "stack": CubeExpert, "two_arm_lift": PotExpert}
+
+
+class RobosuiteExpertRunner:
+    """Seeded expert episodes of one robot's robosuite tasks; keeps one env per task between episodes."""
+
+    def __init__(self, image_size: int, max_steps: int, robot: str = DEFAULT_ROBOT):
+        self.spec = ROBOTS[robot]
         self.image_size, self.max_steps = image_size, max_steps
-        self.env, self.task_id = None, None
+        self.env, self.task_id, self.rendering = None, None, None
 
     def __call__(self, task_id: int, seed: int, record: bool = True) -> Episode:
+        spec = self.spec
         name = TASK_NAMES[task_id]
         env_name, language = TASKS[name]
-        if task_id != self.task_id:
+        if task_id != self.task_id or record != self.rendering:
             self.close()
-            self.env, self.task_id = make_env(env_name, self.image_size, render=record), task_id
+            self.env, self.task_id, self.rendering = make_env(spec, env_name, render=record), task_id, record
         env = self.env
         start = time.perf_counter()
         np.random.seed(seed)  # robosuite's placement samplers draw from numpy's global generator
         obs = env.reset()
         for _ in range(SETTLE_STEPS):
-            obs, _, _, _ = env.step(np.r_[np.zeros(3), OPEN])
-        expert = CubeExpert(env, name, np.random.default_rng(seed))
-        images: dict[str, list] = {cam: [] for cam in CAMERAS}
+            obs, _, _, _ = env.step(spec.idle_action())
+        expert = EXPERTS[name](env, name, np.random.default_rng(seed), spec, obs)
+        images: dict[str, list] = {cam: [] for cam in spec.cameras}
         states, actions = [], []
         success = False
         for _ in range(self.max_steps):
             action = expert.act(obs)
             if record:
-                for cam, img in render_upright(env, self.image_size).items():
+                for cam, img in render_upright(env, spec.cameras, self.image_size).items():
                     images[cam].append(img)
-                states.append(robot_state(obs))
+                states.append(robot_state(obs, spec))
             actions.append(action)
             obs, _, _, _ = env.step(action)
             if expert.may_succeed and env._check_success():
@@ -238,7 +521,24 @@ class RobosuiteExpertRunner:
     def close(self) -> None:
         if self.env is not None:
             self.env.close()
-            self.env, self.task_id = None, None
+            self.env, self.task_id, self.rendering = None, None, None
+
+
+def check_expert(robot: str, task_ids: list[int], episodes: int, seed: int, max_steps: int) -> list[dict]:
+    """Physics-only expert rollouts (no cameras, nothing written): per-task `TaskStats.summary()` dicts.
+
+    Seeds follow `episode_seed(seed, task, k)`, the same stream a dataset of that `--seed` starts from."""
+    runner = RobosuiteExpertRunner(image_size=16, max_steps=max_steps, robot=robot)
+    out = []
+    try:
+        for t in task_ids:
+            stats = TaskStats(t)
+            for k in range(episodes):
+                stats.add(runner(t, episode_seed(seed, t, k), record=False))
+            out.append(stats.summary())
+    finally:
+        runner.close()
+    return out
 
 
 # ---- command line --------------------------------------------------------------------------------------------------
@@ -254,29 +554,61 @@ def parse_tasks(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = recording_parser(__doc__, max_steps=200)
-    p.add_argument("--tasks", type=parse_tasks, default=[0], help=f"comma-separated from {TASK_NAMES} (default: lift)")
+    p.add_argument("--robot", choices=list(ROBOTS), default=DEFAULT_ROBOT,
+                   help=f"embodiment to record (default: {DEFAULT_ROBOT}); sets the default --image-size")
+    p.add_argument("--tasks", type=parse_tasks, default=None,
+                   help=f"comma-separated from {TASK_NAMES} (default: the robot's first task)")
     p.add_argument("--out", type=Path, default=None,
-                   help="dataset root (default: datasets/local/robosuite_ur5e_<tasks>)")
+                   help="dataset root (default: datasets/local/<robot prefix>_<tasks>)")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="only measure the expert: N physics-only episodes per task, print the table, write nothing")
     return p
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; the robot's own image size is the default, and tasks the robot cannot do are
+    refused here, before any simulator starts or any file is written."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    spec = ROBOTS[known.robot]
+    parser.set_defaults(image_size=spec.image_size)
+    args = parse_recording_args(parser, argv)
+    if args.tasks is None:
+        args.tasks = [TASK_NAMES.index(spec.tasks[0])]
+    wrong = [TASK_NAMES[t] for t in args.tasks if TASK_NAMES[t] not in spec.tasks]
+    if wrong:
+        parser.error(f"robot {args.robot} cannot do task(s) {wrong}; its tasks: {list(spec.tasks)}")
+    if args.check < 0:
+        parser.error("--check must be >= 0")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_recording_args(build_parser(), argv)
+    args = parse_args(argv)
+    spec = ROBOTS[args.robot]
     names = [TASK_NAMES[t] for t in args.tasks]
-    out = args.out or ROOT / "datasets" / "local" / f"robosuite_ur5e_{'_'.join(names)}"
+    if args.check:
+        tasks = check_expert(args.robot, args.tasks, args.check, args.seed, args.max_steps)
+        ok, tried = sum(d["successes"] for d in tasks), sum(d["attempts"] for d in tasks)
+        print(f"{args.robot} ({spec.embodiment}), physics only, seed {args.seed}")
+        print(format_summary(tasks))
+        print(f"expert success {ok}/{tried} ({100 * ok / max(tried, 1):.1f}%)")
+        return 0
+    out = args.out or ROOT / "datasets" / "local" / f"{spec.out_prefix}_{'_'.join(names)}"
     request = {
-        "generator": "robosuite_expert", "robot": ROBOT, "controller": CONTROLLER, "tasks": names,
-        "episodes": args.episodes, "image_size": args.image_size, "max_steps": args.max_steps, "seed": args.seed,
+        "generator": "robosuite_expert", "robot": "+".join(spec.robots), "controller": spec.controller,
+        "tasks": names, "episodes": args.episodes, "image_size": args.image_size, "max_steps": args.max_steps,
+        "seed": args.seed,
     }
     return record_from_args(
         args,
         out,
         runner_factory=RobosuiteExpertRunner,
-        runner_kwargs={"image_size": args.image_size, "max_steps": args.max_steps},
+        runner_kwargs={"image_size": args.image_size, "max_steps": args.max_steps, "robot": args.robot},
         task_ids=args.tasks,
-        features=demo_features(CAMERAS, args.image_size, STATE_NAMES, ACTION_NAMES),
-        fps=CONTROL_FREQ,
-        robot_type=ROBOT.lower(),
+        features=demo_features(spec.cameras, args.image_size, spec.state_names, spec.action_names),
+        fps=spec.control_freq,
+        robot_type=spec.embodiment,
         request=request,
     )
 

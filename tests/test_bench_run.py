@@ -1,4 +1,5 @@
-"""bench/run.py keeps the rows a partial run does not replace."""
+"""bench/run.py bookkeeping: the rows a partial run keeps, modes, failures, module selection; the bench modules'
+error paths."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH_RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
@@ -71,3 +74,160 @@ def test_lerobot_log_of_a_resumed_run_keeps_the_later_record_of_each_step(tmp_pa
     assert losses == [(25, 0.5), (50, 0.3), (75, 0.2)]
     assert rates == [0.2, 0.25, 0.25]
     assert params_m == 17 / 1e6
+
+
+# ---- modes, failures and module selection ------------------------------------------------------------------------
+
+
+def test_a_quick_run_never_replaces_or_removes_a_full_row(tmp_path, monkeypatch):
+    run = load_bench(BENCH_RUN, monkeypatch)
+    old = [{**row("bench_policy", "chunk rate", 19.8), "mode": "full", "date": "d1"},
+           {**row("bench_policy", "chunk rate 96px", 18.8), "mode": "full", "date": "d1"},
+           {**row("bench_data", "loader", 300.0), "mode": "quick", "date": "d0"}]
+    new = [{**row("bench_policy", "chunk rate", 7.0), "mode": "quick"},
+           {**row("bench_data", "loader", 350.0), "mode": "quick"},
+           {**row("bench_data", "new metric", 1.0), "mode": "quick"}]
+    rows, dropped = run.merge(old, new, replaced={"bench_policy", "bench_data"}, quick=True)
+    by_key = {r["benchmark"]: (r["value"], r["mode"]) for r in rows}
+    assert by_key == {"chunk rate": (19.8, "full"), "chunk rate 96px": (18.8, "full"),
+                      "loader": (350.0, "quick"), "new metric": (1.0, "quick")}
+    assert [r["value"] for r in dropped] == [7.0]
+
+    # a full run replaces quick and full rows of the modules it ran
+    rows, dropped = run.merge(old, [{**row("bench_policy", "chunk rate", 20.5), "mode": "full"}],
+                              replaced={"bench_policy"}, quick=False)
+    assert {r["benchmark"]: r["value"] for r in rows} == {"chunk rate": 20.5, "loader": 300.0} and not dropped
+
+
+def test_quick_rows_are_marked_in_the_table_whatever_the_mode_of_the_last_run(monkeypatch):
+    run = load_bench(BENCH_RUN, monkeypatch)
+    meta = {"date": "2026-12-01 10:00", "machine": "x86_64", "threads": 2, "torch": "2", "quick": False}
+    rows = [{**row("bench_data", "loader", 300.0), "mode": "quick", "date": "2026-11-25 22:52"},
+            {**row("bench_policy", "chunk rate", 19.8), "mode": "full", "date": "2026-12-01 10:00"}]
+    lines = {line.split(" | ")[0].strip("| "): line for line in run.to_markdown(rows, meta).splitlines()
+             if line.startswith("| ") and "---" not in line}
+    assert "| **quick** |" in lines["loader"] and "(measured 2026-11-25 22:52)" in lines["loader"]
+    assert "| full |" in lines["chunk rate"] and "quick" not in lines["chunk rate"]
+    assert "1 row(s) marked **quick**" in run.to_markdown(rows, meta)
+
+
+def write_benches(where: Path, **bodies: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    for name, body in bodies.items():
+        (where / f"bench_{name}.py").write_text(f"def run(quick):\n    {body}\n")
+
+
+def test_a_failed_measurement_fails_the_run_loudly_and_the_page_shows_it(tmp_path, monkeypatch, capsys):
+    run = load_bench(BENCH_RUN, monkeypatch)
+    benches = tmp_path / "bench"
+    ok = 'return [{"benchmark": "ok", "metric": "m", "value": 1.0, "goal": "", "met": None}]'
+    write_benches(benches, ok=ok,
+                  arm='return [{"benchmark": "learning: x", "metric": "m", "value": "error", "error": "boom"}]',
+                  raises='raise RuntimeError("simulator broke")')
+    monkeypatch.setattr(run, "HERE", benches)
+    with pytest.raises(SystemExit) as e:
+        run.main(["--out", str(tmp_path / "out")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "BENCHMARKS FAILED" in err and "boom" in err and "simulator broke" in err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert {r["benchmark"]: r["mode"] for r in results} == {"ok": "full", "learning: x": "full", "bench_raises": "full"}
+    assert "FAILED: RuntimeError: simulator broke" in (tmp_path / "out" / "results.md").read_text()
+
+    write_benches(benches, arm=ok, raises=ok)  # every measurement succeeds: exit 0
+    run.main(["--out", str(tmp_path / "out")])
+
+
+def test_only_and_skip_choose_modules_and_keep_the_other_rows(tmp_path, monkeypatch):
+    run = load_bench(BENCH_RUN, monkeypatch)
+    benches = tmp_path / "bench"
+    write_benches(benches, **{name: f'return [{{"benchmark": "{name}", "metric": "m", "value": {value}}}]'
+                              for name, value in (("a", 1.0), ("b", 2.0), ("c", 3.0))})
+    monkeypatch.setattr(run, "HERE", benches)
+    assert [p.stem for p in run.discover(None, "b,c")] == ["bench_a"]
+    assert [p.stem for p in run.discover("bench_b")] == ["bench_b"]
+    with pytest.raises(SystemExit, match="no benchmark named"):
+        run.discover("nope")
+
+    out = tmp_path / "out"
+    run.main(["--out", str(out)])
+    write_benches(benches, b='return [{"benchmark": "b", "metric": "m", "value": 20.0}]')
+    run.main(["--out", str(out), "--only", "b"])
+    assert {r["benchmark"]: r["value"] for r in json.loads((out / "results.json").read_text())["results"]} == {
+        "a": 1.0, "b": 20.0, "c": 3.0}
+    write_benches(benches, a='return [{"benchmark": "a", "metric": "m", "value": 10.0}]')
+    run.main(["--out", str(out), "--skip", "b,c", "--quick"])
+    rows = {r["benchmark"]: (r["value"], r["mode"]) for r in json.loads((out / "results.json").read_text())["results"]}
+    assert rows == {"a": (1.0, "full"), "b": (20.0, "full"), "c": (3.0, "full")}  # the quick a is not recorded
+
+
+def test_a_failing_learning_arm_is_an_error_row(monkeypatch, tmp_path):
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    monkeypatch.setattr(module, "ensure_data", lambda plan, ur5e: None)
+
+    def train_and_evaluate(plan, arm):
+        raise RuntimeError("`train.py --preset ...` failed (exit 1)")
+
+    monkeypatch.setattr(module, "train_and_evaluate", train_and_evaluate)
+    rows = module.compare(module.make_plan(quick=True), ["dense"])
+    run = load_bench(BENCH_RUN, monkeypatch)
+    assert run.failed_rows(rows) == rows and "failed (exit 1)" in rows[0]["error"]
+
+
+def test_bench_sim_fails_when_the_policy_does_not_build(monkeypatch):
+    """The time split must time the policy it names, never a random stand-in."""
+    monkeypatch.syspath_prepend(str(BENCH_RUN.parent))
+    module = load_bench(BENCH_RUN.parent / "bench_sim.py", monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise ImportError("no compact backbone")
+
+    monkeypatch.setattr(module, "tiny_cpu_policy", broken)
+    monkeypatch.setattr(module, "evaluate_libero", lambda *a, **k: pytest.fail("ran episodes without the policy"))
+    with pytest.raises(ImportError, match="no compact backbone"):
+        module.run(quick=True)
+
+
+def test_no_goal_is_one_that_cannot_be_missed():
+    """'report' is not a goal: a row has a goal it could miss, or none (bench/results.json as committed)."""
+    results = json.loads((BENCH_RUN.parent / "results.json").read_text())["results"]
+    assert not [r["benchmark"] for r in results if r.get("goal") == "report"]
+    assert all(r.get("mode") in ("full", "quick") for r in results), "every recorded row names its mode"
+
+
+def test_bench_learning_quick_plans_a_reduced_run_and_its_flags_reach_the_plan(monkeypatch):
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    plan = module.make_plan(quick=True)
+    assert plan.work == BENCH_RUN.parent / "_work" / "learning_quick" and plan.demos == 2 and plan.workers == 1
+    flags = dict(zip(plan.train_args[::2], plan.train_args[1::2], strict=True))
+    assert flags["--train.steps"] == "16" and flags["--data.batch_size"] == "4"
+    assert plan.eval_args[:2] == ["--episodes", "1"] and "--max-steps" in plan.eval_args
+    full = module.make_plan(quick=False)
+    assert full.eval_args == ["--episodes", "50"] and full.demos == 50 and not full.train_args
+
+    seen = {}
+
+    def compare(plan, arms):
+        seen.update(plan=plan, arms=arms)
+        return [{"benchmark": "learning: dense", "value": 0.5}]
+
+    monkeypatch.setattr(module, "compare", compare)
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "--quick", "--arms", "dense,moh", "--steps", "3",
+                                      "--episodes", "2"])
+    module.main()
+    assert seen["arms"] == ["dense", "moh"]
+    assert seen["plan"].train_args[:2] == ["--train.steps", "3"] and seen["plan"].eval_args[:2] == ["--episodes", "2"]
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "--arms", "dense,nope"])
+    with pytest.raises(SystemExit, match="unknown arm"):
+        module.main()
+
+
+def test_the_lerobot_comparison_row_is_an_arm_the_bench_trains(monkeypatch):
+    """The tiny-cpu figure on lerobot's 2400-step schedule comes from an arm of its own, at full size only."""
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    arm = module.ARMS["tiny-cpu-2400"]
+    full = module.arm_train_args(module.make_plan(quick=False), arm)
+    assert full[full.index("--train.steps") + 1] == str(module.LEROBOT_STEPS)
+    quick = module.arm_train_args(module.make_plan(quick=True), arm)
+    assert quick.count("--train.steps") == 1 and quick[quick.index("--train.steps") + 1] == "16"
+    assert "--train.steps" not in module.arm_train_args(module.make_plan(quick=False), module.ARMS["tiny-cpu"])

@@ -97,6 +97,60 @@ def test_record_keeps_only_successes_and_loads_offline(tmp_path, workers):
     assert on_disk["request"] == {"generator": "fake", "episodes": 3} and on_disk["disk_bytes"] > 0
 
 
+def decoded_image_stats(ds, key: str) -> dict[str, np.ndarray]:
+    """Per-channel statistics recomputed in float64 from every decoded frame (what the stats must describe)."""
+    frames = np.stack([ds[i][key].numpy().astype(np.float64) for i in range(len(ds))])  # (N, 3, H, W) in [0, 1]
+    return {"mean": frames.mean(axis=(0, 2, 3)), "std": frames.std(axis=(0, 2, 3)),
+            "min": frames.min(axis=(0, 2, 3)), "max": frames.max(axis=(0, 2, 3))}
+
+
+def test_recorded_image_statistics_match_the_decoded_frames(tmp_path):
+    """lerobot 0.4.4 squares uint8 pixels (overflow), so its own image std comes out near 0; ours are exact."""
+    out = tmp_path / "fake_ds"
+    _record(out, 0)
+    ds = _load_dataset(out)
+    key = "observation.images.cam"
+    expected = decoded_image_stats(ds, key)
+    on_disk = json.loads((out / "meta" / "stats.json").read_text())[key]
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(on_disk[name]).reshape(3), value, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(ds.meta.stats[key][name]).reshape(3), value, rtol=1e-6, atol=1e-9)
+    assert on_disk["count"] == [len(ds)]
+    assert 0.25 < expected["std"].min()  # uniform random pixels: std ~ 0.29, not lerobot's overflowed ~0.03
+    assert {"q01", "q50", "q99"} <= set(on_disk)
+    q50 = np.asarray(on_disk["q50"]).reshape(3)
+    assert np.all(np.abs(q50 - 0.5) < 0.1)
+    assert on_disk.keys() >= {"min", "max", "mean", "std", "count"}
+
+
+def test_a_dataset_recorded_before_the_fix_gets_its_image_statistics_repaired_when_reused(tmp_path):
+    out = tmp_path / "fake_ds"
+    _record(out, 0)
+    key = "observation.images.cam"
+    stats_path = out / "meta" / "stats.json"
+    exact = json.loads(stats_path.read_text())[key]
+    stats = json.loads(stats_path.read_text())
+    stats[key]["std"] = [[[0.001]], [[0.001]], [[0.001]]]  # what lerobot's overflowing statistics look like
+    stats_path.write_text(json.dumps(stats))
+    generation = json.loads((out / recording.GENERATION_FILE).read_text())
+    del generation["image_stats"]  # a record written before the fix
+    (out / recording.GENERATION_FILE).write_text(json.dumps(generation))
+
+    again = _record(out, 0)
+    assert again["reused"] and again["image_stats"] == recording.IMAGE_STATS_EXACT
+    repaired = json.loads(stats_path.read_text())[key]
+    for name in ("mean", "std", "min", "max", "q50"):
+        np.testing.assert_allclose(repaired[name], exact[name], rtol=1e-9)
+
+
+def test_generators_declare_registered_embodiments():
+    from vla.data.embodiments import default_registry
+
+    registry = default_registry()
+    for script in ("libero_expert", "robosuite_expert"):
+        assert _load_script(script).ROBOT_TYPE in registry, script
+
+
 class SlowRunner(FakeRunner):
     """Episodes that take a minute: the recorder is killed while its worker is busy or waiting."""
 
@@ -336,7 +390,7 @@ def test_libero_generator_writes_a_loadable_dataset(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "expert success" in res.stdout
     ds = _load_dataset(out)
-    assert ds.num_episodes == 2 and ds.fps == 20 and ds.meta.robot_type == "panda"
+    assert ds.num_episodes == 2 and ds.fps == 20 and ds.meta.robot_type == "libero_panda"
     assert set(ds.meta.camera_keys) == {"observation.images.agentview", "observation.images.wrist"}
     item = ds[0]
     assert item["observation.images.agentview"].shape == (3, 64, 64)
@@ -374,7 +428,7 @@ def test_robosuite_generator_writes_a_loadable_dataset(tmp_path):
                       "--image-size", "64", "--out", str(out), timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     ds = _load_dataset(out)
-    assert ds.num_episodes == 2 and ds.fps == 20 and ds.meta.robot_type == "ur5e"
+    assert ds.num_episodes == 2 and ds.fps == 20 and ds.meta.robot_type == "robosuite_ur5e_osc"
     assert set(ds.meta.camera_keys) == {"observation.images.frontview", "observation.images.robot0_eye_in_hand"}
     item = ds[len(ds) - 1]
     assert item["observation.images.frontview"].shape == (3, 64, 64)

@@ -448,6 +448,7 @@ def test_policy_settings_reach_the_evaluation_and_bad_ones_stop_it(tmp_path, mon
 
     monkeypatch.setattr(C, "calvin_env_root", lambda root: None)
     monkeypatch.setattr(C, "evaluate_calvin", evaluate)
+    monkeypatch.setattr("vla.sim.policies.check_policy_loads", lambda source: None)  # a config-only checkpoint
     C.main(["--policy", str(tmp_path), "--policy-set", "objective.num_inference_steps=10", "--out",
             str(tmp_path / "eval"), "--no-progress"])
     assert received == [CheckpointPolicy(str(tmp_path), (("objective.num_inference_steps", "10"),))]

@@ -206,7 +206,7 @@ def test_two_process_cpu_run_through_accelerate_launch(data, tmp_path):
     --mixed_precision no --dynamo_backend no` on the command line)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "vla" / "training" / "accelerate" / "cpu_2proc.yaml"), str(REPO / "train.py"),
-           *_args(data["A"], tmp_path, "ddp", steps=24, save_every=12, log_every=4, warmup_steps=2)]
+           *_args(data["A"], tmp_path, "ddp", steps=24, save_every=12, log_every=2, warmup_steps=2)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "ddp"
@@ -216,8 +216,11 @@ def test_two_process_cpu_run_through_accelerate_launch(data, tmp_path):
     assert ranks[0]["batches"] == ranks[1]["batches"] == 24
     assert ranks[0]["digest"] != ranks[1]["digest"], "both ranks trained on the same samples"
     loss = _scalars(run_dir, "loss/loss")
-    assert len(loss) == 6
-    assert sum(loss[-3:]) / 3 < loss[0], f"loss did not go down: {loss}"  # flow-matching losses are noisy
+    assert len(loss) == 12
+    # flow-matching losses are noisy from step to step (one run here: 1.35 -> 1.09 over the thirds): compare the
+    # means of the first and last thirds of the run rather than single logged values
+    first, last = sum(loss[:4]) / 4, sum(loss[-4:]) / 4
+    assert last < 0.95 * first, f"loss did not go down: {loss}"
 
 
 @pytest.mark.slow

@@ -63,12 +63,14 @@ def parse_config(
 def train_main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser("train.py", "Train a vla policy (single process, or under `accelerate launch`).")
     _, cfg = parse_config(parser, argv)
+    from vla.data.lerobot_source import SampleError
     from vla.data.mixture import MixtureError
+    from vla.policy import CheckpointError
     from vla.training import TrainingDiverged, train
 
     try:
         train(cfg)
-    except (MixtureError, TrainingDiverged, ConfigError) as e:
+    except (MixtureError, SampleError, TrainingDiverged, ConfigError, CheckpointError) as e:
         # problems found in the data or the run: one message, no traceback (the run's log has the details)
         parser.exit(1, f"{parser.prog}: error: {e}\n")
 

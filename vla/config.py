@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,25 +100,45 @@ class HorizonConfig:
     Args:
         horizons: increasing horizons h1 < ... < hk <= chunk_size; empty means a single horizon (the chunk).
         balance_weight: weight of the gate's balance loss (paper: 1e-3).
+        balance_form: "coverage": for each step, (number of covering horizons) * sum of squared batch-mean gate
+            weights, averaged over steps; "segment_cv": the reference's term, the squared coefficient of variation
+            of the mean gate weight of the active horizons in each segment between consecutive horizons, averaged
+            over the segments with more than one active horizon.
+        gate_noise: add learnable noise to the gate logits while training (reference): logits + N(0, 1) *
+            (softplus(W h) + 0.01) with a per-token linear W; never at inference.
         dynamic: execute a variable number of actions per model call, chosen by cross-horizon agreement.
-        agreement_threshold: a step is executable while the horizons covering it disagree by at most this: the
-            mean absolute difference between each covering horizon's denoised estimate and the fused one, in
-            normalized action units, averaged over the denoising steps. Only steps that at least two horizons
-            predict can qualify, so at most the second-longest horizon is executed. The default is where the
-            tiny-cpu chunk-20 model (horizons 5,10,15,20) on LIBERO-Object executed 13 actions per query at the
-            success of a fixed 5 within noise (66 vs 71 %, 100 episodes each); a model's own scale can differ, so
-            check the actions per query an evaluation reports (`eval/libero.py --policy-set
-            action.moh.agreement_threshold=...`).
-        min_execute: always execute at least this many actions per call when dynamic.
-        max_execute: never execute more than this many actions per call (0 = the chunk size).
+        dynamic_rule: "absolute": execute the leading steps whose disagreement is at most `agreement_threshold`
+            (disagreement = mean absolute difference between each covering horizon's denoised estimate and the
+            fused one, averaged over the denoising steps). "relative" (reference): disagreement = gate-weighted L1
+            distance between each horizon's and the fused one-Euler-step update, summed over the denoising steps;
+            the threshold is `scale_ratio` times its mean over the first `min_replan_steps` steps; execute
+            `min_replan_steps` plus the following steps below the threshold, stopping at the first step covered by
+            at most `min_active_horizons` horizons.
+        agreement_threshold: the "absolute" rule's threshold, in normalized action units. Only steps that at least
+            two horizons predict can qualify, so at most the second-longest horizon is executed. A model's own
+            scale differs, so check the actions per query an evaluation reports (`eval/libero.py --policy-set
+            action.moh.agreement_threshold=...`); docs/methods.md records values that were measured.
+        min_execute: the "absolute" rule always executes at least this many actions per call.
+        max_execute: never execute more than this many actions per call (0 = the chunk size; both rules).
+        scale_ratio: the "relative" rule's threshold relative to the first executed steps (reference: 1.0; its
+            evaluation scripts sweep 1.1-1.4).
+        min_replan_steps: the "relative" rule always executes at least this many actions (reference: 5).
+        min_active_horizons: the "relative" rule stops at a step covered by this many horizons or fewer
+            (reference LIBERO evaluation: 5 of 10 horizons; its sampler's default: 3).
     """
 
     horizons: tuple[int, ...] = ()
     balance_weight: float = 1e-3
+    balance_form: Literal["coverage", "segment_cv"] = "coverage"
+    gate_noise: bool = False
     dynamic: bool = False
+    dynamic_rule: Literal["absolute", "relative"] = "absolute"
     agreement_threshold: float = 0.015
     min_execute: int = 1
     max_execute: int = 0
+    scale_ratio: float = 1.0
+    min_replan_steps: int = 5
+    min_active_horizons: int = 3
 
 
 @dataclass
@@ -138,11 +159,34 @@ class ActionConfig:
         hb_num_experts, hb_top_k, hb_num_shared: HiMoE Heterogeneity-Balancing MoE (per-token router + shared).
         nm_num_experts, nm_top_k: MoDE noise MoE (router sees only the noise-level embedding).
         router_jitter: multiplicative uniform noise on router inputs during training (0 = off).
+        nm_router: "linear" (one bias-free linear map) or "mlp" (MoDE: Linear(D, 2D) -> GELU -> Linear(2D, E),
+            with biases). Both are token-independent, so the expert cache stays exact.
+        nm_selection: "topk" always, or "multinomial" (MoDE): while training every token draws its k experts
+            without replacement from its sample's router probabilities; top-k at inference.
         hb_balance_weight: weight of the hb load-balancing loss (HiMoE: 1e-3).
-        nm_balance_weight: weight of the nm load-balancing loss (MoDE: 1e-2).
+        nm_balance_weight: weight of the nm load-balancing loss (MoDE: 1e-2 when training from scratch).
+        nm_balance_form: "switch": E * sum_e f_e P_e with P_e the mean full router probability and f_e the
+            fraction of assignments (1 when uniform); "mode" (MoDE's reference): P_e the mean renormalised weight of
+            the selected experts and f_e the fraction of tokens selecting e (k when uniform).
         as_reg_weight, as_reg_temperature: HiMoE AS-Reg contrastive loss on action-space routing (0.002, 0.1).
+        as_reg_form: "sample": a supervised-contrastive loss over samples (anchors need a positive and a
+            negative); "token" (HiMoE's reference): InfoNCE over every routed token, the other tokens of the same
+            action space as positives and all tokens (itself included) in the denominator.
+        loss_layer_reduction: how each auxiliary router loss combines over the layers of its kind: "mean" averages
+            them; "reference" follows each paper's code: HiMoE's HB and AS losses are summed over layers (every
+            layer adds its own weighted loss), MoDE's load balance and the z-loss are averaged over layers.
         router_z_weight: weight of the router z-loss mean(logsumexp(logits)^2) (0 = off).
-        noise_conditioned_attention: add the noise-level embedding to the normed input of attention (MoDE).
+        noise_conditioned_attention: add a noise-level shift to the normed input of attention (MoDE).
+        noise_shift: "per_layer": layer l adds W_l phi(sigma); "shared" (MoDE): every layer adds the noise
+            embedding phi(sigma) itself.
+        noise_embedding: "sinusoidal": an MLP on sin/cos features of the level; "linear" (MoDE): a linear map of the
+            scalar level (EDM: c_noise = log(sigma) / 4) followed by a bias-free linear map.
+        time_fusion: how the flow time / noise level enters the action tokens: "token", a separate noise token
+            beside the state token; "action_mlp" (pi0, HiMoE): each action token is W_out swish(W_in [a; phi(t)])
+            with sinusoidal phi(t), and there is no noise token.
+        norm: "layernorm" or "rmsnorm" (HiMoE, MoDE) for the block and output norms.
+        dense_activation: FFN of `d` layers: "gelu", "geglu" (HiMoE's Gemma dense layers) or "swiglu".
+        expert_activation: FFN of every routed and shared expert: "gelu", "geglu" or "swiglu" (HiMoE, MoDE).
         dropout: dropout inside the transformer.
         expert_cache: fuse the experts of token-independent routers per (embodiment, denoising step) in eval mode.
         track_routing: accumulate expert-usage histograms for `routing_stats()` (one small host copy per forward).
@@ -165,12 +209,23 @@ class ActionConfig:
     nm_num_experts: int = 4
     nm_top_k: int = 2
     router_jitter: float = 0.0
+    nm_router: Literal["linear", "mlp"] = "linear"
+    nm_selection: Literal["topk", "multinomial"] = "topk"
     hb_balance_weight: float = 1e-3
     nm_balance_weight: float = 1e-2
+    nm_balance_form: Literal["switch", "mode"] = "switch"
     as_reg_weight: float = 2e-3
     as_reg_temperature: float = 0.1
+    as_reg_form: Literal["sample", "token"] = "sample"
+    loss_layer_reduction: Literal["mean", "reference"] = "mean"
     router_z_weight: float = 0.0
     noise_conditioned_attention: bool = True
+    noise_shift: Literal["per_layer", "shared"] = "per_layer"
+    noise_embedding: Literal["sinusoidal", "linear"] = "sinusoidal"
+    time_fusion: Literal["token", "action_mlp"] = "token"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    dense_activation: Literal["gelu", "geglu", "swiglu"] = "gelu"
+    expert_activation: Literal["gelu", "geglu", "swiglu"] = "gelu"
     dropout: float = 0.0
     expert_cache: bool = True
     track_routing: bool = True
@@ -211,7 +266,22 @@ class ActionConfig:
                 raise ConfigError(f"action.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.as_reg_temperature <= 0:
             raise ConfigError(f"action.as_reg_temperature must be > 0, got {self.as_reg_temperature}")
+        _check_choice(self, "action.", nm_router=("linear", "mlp"), nm_selection=("topk", "multinomial"),
+                      nm_balance_form=("switch", "mode"), as_reg_form=("sample", "token"),
+                      loss_layer_reduction=("mean", "reference"), noise_shift=("per_layer", "shared"),
+                      noise_embedding=("sinusoidal", "linear"), time_fusion=("token", "action_mlp"),
+                      norm=("layernorm", "rmsnorm"), dense_activation=("gelu", "geglu", "swiglu"),
+                      expert_activation=("gelu", "geglu", "swiglu"))
         moh = self.moh
+        _check_choice(moh, "action.moh.", balance_form=("coverage", "segment_cv"),
+                      dynamic_rule=("absolute", "relative"))
+        if moh.scale_ratio <= 0:
+            raise ConfigError(f"action.moh.scale_ratio must be > 0, got {moh.scale_ratio}")
+        if moh.dynamic_rule == "relative" and not 1 <= moh.min_replan_steps <= self.chunk_size:
+            raise ConfigError(f"action.moh.min_replan_steps must be in [1, chunk_size={self.chunk_size}], got "
+                              f"{moh.min_replan_steps}")
+        if moh.min_active_horizons < 0:
+            raise ConfigError(f"action.moh.min_active_horizons must be >= 0, got {moh.min_active_horizons}")
         if moh.balance_weight < 0 or moh.agreement_threshold < 0:
             raise ConfigError(
                 f"action.moh.balance_weight and action.moh.agreement_threshold must be >= 0, got "
@@ -244,16 +314,23 @@ class ObjectiveConfig:
         kind: "flow" (pi0-style flow matching, t=1 noise, t=0 data) or "edm" (Karras preconditioning).
         num_inference_steps: denoising steps per chunk (10 in pi0, HiMoE and MoDE).
         sampler: flow: "euler" (FlowMatchEulerDiscreteScheduler) or "dpm" (DPM-Solver++ with flow sigmas);
-            edm: "euler" (EDMEulerScheduler) or "dpm" (EDMDPMSolverMultistepScheduler).
+            edm: "euler" (EDMEulerScheduler), "dpm" (second-order EDMDPMSolverMultistepScheduler) or "ddim"
+            (first-order DPM-Solver = DDIM, EDMDPMSolverMultistepScheduler with solver_order=1: MoDE's sampler).
         time_beta_a, time_beta_b: flow training time t ~ Beta(a, b) scaled to [time_min, 1] (pi0: 1.5, 1).
         time_min: smallest training time for flow matching.
-        sigma_min, sigma_max, sigma_data, rho: EDM noise range and Karras schedule (MoDE: sigma_data 0.5).
+        sigma_min, sigma_max, sigma_data, rho: EDM noise range and Karras schedule (MoDE: 0.001, 80, 0.5).
+        sigma_schedule: EDM sampling sigmas: "karras" (rho-spaced) or "exponential" (log-uniformly spaced from
+            sigma_max to sigma_min: MoDE).
+        sigma_density: EDM training sigma distribution: "lognormal" (log sigma ~ N(p_mean, p_std^2), Karras et
+            al.) or "loglogistic" (MoDE: log sigma ~ Logistic(log sigma_data, loglogistic_scale) truncated to
+            [sigma_min, sigma_max]).
         p_mean, p_std: EDM training log-normal noise distribution.
+        loglogistic_scale: scale of the log-logistic density (MoDE: 0.5).
     """
 
     kind: Literal["flow", "edm"] = "flow"
     num_inference_steps: int = 10
-    sampler: Literal["euler", "dpm"] = "euler"
+    sampler: Literal["euler", "dpm", "ddim"] = "euler"
     time_beta_a: float = 1.5
     time_beta_b: float = 1.0
     time_min: float = 0.001
@@ -263,15 +340,23 @@ class ObjectiveConfig:
     rho: float = 7.0
     p_mean: float = -1.2
     p_std: float = 1.2
+    sigma_schedule: Literal["karras", "exponential"] = "karras"
+    sigma_density: Literal["lognormal", "loglogistic"] = "lognormal"
+    loglogistic_scale: float = 0.5
 
     def validate(self) -> None:
         _check_positive(self, "num_inference_steps", "sigma_min", "sigma_max", "sigma_data", "time_beta_a",
-                        "time_beta_b", "rho", "p_std")
+                        "time_beta_b", "rho", "p_std", "loglogistic_scale")
+        _check_choice(self, "objective.", sigma_schedule=("karras", "exponential"),
+                      sigma_density=("lognormal", "loglogistic"))
+        if self.sampler == "ddim" and self.kind != "edm":
+            raise ConfigError("objective.sampler='ddim' needs objective.kind='edm' (the flow Euler sampler is already "
+                              "first order)")
         if not 0 <= self.time_min < 1:
             raise ConfigError(f"objective.time_min must be in [0, 1), got {self.time_min}")
-        if self.kind not in ("flow", "edm") or self.sampler not in ("euler", "dpm"):
+        if self.kind not in ("flow", "edm") or self.sampler not in ("euler", "dpm", "ddim"):
             raise ConfigError(
-                f"objective.kind must be 'flow' or 'edm' and objective.sampler 'euler' or 'dpm', got "
+                f"objective.kind must be 'flow' or 'edm' and objective.sampler 'euler', 'dpm' or 'ddim', got "
                 f"kind='{self.kind}', sampler='{self.sampler}'"
             )
         if self.sigma_min >= self.sigma_max:
@@ -470,6 +555,7 @@ class VLAConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> VLAConfig:
+        _check_finite(self, "")  # first: NaN passes every `<`/`>` check below
         for part in (self.backbone, self.action, self.objective, self.data, self.train, self.eval):
             part.validate()
         return self
@@ -490,16 +576,35 @@ class VLAConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> VLAConfig:
-        p = Path(path_or_text)
-        text = p.read_text() if not str(path_or_text).lstrip().startswith("{") and p.exists() else str(path_or_text)
-        return cls.from_dict(json.loads(text))
+        """A config from a JSON file (or JSON text starting with "{"); every field is type-checked.
+
+        Raises ConfigError in one line naming the file and the field: a missing file, invalid JSON, an unknown
+        field, or a value of the wrong type (strings are read like the command line, so "false" is False).
+        """
+        if str(path_or_text).lstrip().startswith("{"):
+            source, text = "config text", str(path_or_text)
+        else:
+            source = str(path_or_text)
+            try:
+                text = Path(path_or_text).read_text()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {source}: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(data).validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
 
 # ---- presets ---------------------------------------------------------------------------------------------------
 
 
 def _debug() -> VLAConfig:
-    """Smallest possible model for unit tests: seconds per step on one core."""
+    """Smallest possible model for unit tests: seconds per step on one core. Follows no reference recipe: it
+    mixes every layer kind (as, hb, nm, d) so that one small model exercises all of them."""
     return VLAConfig(
         preset="debug",
         backbone=BackboneConfig(vision_model="resnet10t", text_model="embedding", width=64, tokens_per_image=4),
@@ -518,14 +623,12 @@ def _tiny_cpu() -> VLAConfig:
     """Trains on 2 CPU cores in about an hour: a small RegNet per camera at 96 px, a frozen MiniLM
     instruction embedding, a MoE flow-matching head, EMA weights for evaluation.
 
-    The `as` layers route by embodiment and the `nm` layers by noise level, so at inference every MoE layer is
-    served from the expert cache as a dense MLP. The encoder is trained from scratch (no downloads), so its cost
-    bounds the number of steps an hour buys: a batch-32 step with two cameras takes 0.69 s with RegNetX-200MF at
-    96 px vs 1.38 s with ResNet-10-T at 96 px and 2.69 s at 128 px (2 threads, quiet machine). The frames are
-    decoded into memory once, so the loader workers only crop and jitter. 4800 steps (0.71-0.87 s each with the
-    loader on the same cores: 64 min) from 50 scripted demonstrations: 84% (42/50, official init states) on
-    LIBERO-Object task 0 with 5 flow steps per chunk (3500 steps and 10 flow steps: 70%). The same preset on
-    LIBERO-Object tasks 0-4 (20 demonstrations each, language-conditioned): 76.8% average over 5 x 50 episodes.
+    Follows no single reference recipe: it combines HiMoE's action-space routing (`as`, first and last layer) with
+    MoDE's noise routing (`nm`, between) on pi0-style flow matching, with today's defaults for every reference
+    option, because then at inference every MoE layer is served from the expert cache as a dense MLP. The encoder
+    is trained from scratch (no downloads), so its cost bounds the number of steps an hour buys: RegNetX-200MF at
+    96 px is the cheapest encoder measured that learns the task. The frames are decoded into memory once, so the
+    loader workers only crop and jitter. Measured step times and success rates: bench/results.md, docs/methods.md.
     """
     return VLAConfig(
         preset="tiny-cpu",
@@ -543,16 +646,28 @@ def _tiny_cpu() -> VLAConfig:
 
 
 def _mode() -> VLAConfig:
-    """Close to the MoDE paper's shape: 12 noise-routed MoE layers (4 experts, top-2), EDM, 10 DDIM-like steps."""
+    """MoDE (Reuss et al., "Efficient Diffusion Transformer Policies with Mixture of Expert Denoisers for Multitask
+    Learning"), as its reference code MoDE_Diffusion_Policy (`conf/model/mode_agent.yaml`, `modedit.py`) configures it: 12 layers of
+    width 1024 and 8 heads, each FFN a noise-routed MoE of 4 SwiGLU experts (hidden 4 x width) with top-2 selection
+    by a two-layer MLP router on the noise embedding alone (multinomial draws while training, argmax at inference),
+    the noise embedding a linear map of log(sigma) / 4 added to every layer's attention input (one shared shift)
+    and used as an input token, RMSNorm, load balance averaged over layers with weight 0.01 (its from-scratch
+    setting); EDM with sigma in [0.001, 80], sigma_data 0.5, a log-logistic training density, the exponential
+    schedule and 10 first-order DDIM steps. Deliberate variations (encoder, attention details, dropout): the MoDE
+    table of docs/methods.md."""
     return VLAConfig(
         preset="mode",
         backbone=BackboneConfig(vision_model="resnet50", text_model="minilm", width=1024, tokens_per_image=16),
         action=ActionConfig(
-            chunk_size=10, n_action_steps=10, width=1024, num_heads=16, ffn_dim=4096,
+            chunk_size=10, n_action_steps=10, width=1024, num_heads=8, ffn_dim=4096,
             layers=",".join(["nm"] * 12), nm_num_experts=4, nm_top_k=2, nm_balance_weight=0.01,
-            noise_conditioned_attention=True,
+            nm_balance_form="mode", nm_router="mlp", nm_selection="multinomial", noise_conditioned_attention=True,
+            noise_shift="shared", noise_embedding="linear", norm="rmsnorm", expert_activation="swiglu",
+            loss_layer_reduction="reference",
         ),
-        objective=ObjectiveConfig(kind="edm", sampler="dpm", num_inference_steps=10, sigma_data=0.5),
+        objective=ObjectiveConfig(kind="edm", sampler="ddim", num_inference_steps=10, sigma_min=0.001,
+                                  sigma_max=80.0, sigma_data=0.5, sigma_schedule="exponential",
+                                  sigma_density="loglogistic", loglogistic_scale=0.5),
         data=DataConfig(image_size=224, batch_size=64),
         train=TrainConfig(steps=30000, lr=1e-4, warmup_steps=1000, mixed_precision="bf16", ema_decay=0.999,
                           run_name="mode"),
@@ -560,10 +675,15 @@ def _mode() -> VLAConfig:
 
 
 def _himoe_paligemma() -> VLAConfig:
-    """Close to HiMoE-VLA: PaliGemma prefix with layerwise attention, 18-layer action expert
-    (AS-MoE at the first/last 2 layers, HB-MoE at 2-5 and 12-15, dense between), flow matching, chunk 10.
-    HB experts are a quarter of the dense FFN wide (32 of them, top-4 + 1 shared): full-width experts would put
-    2.1 B parameters into the HB layers alone."""
+    """HiMoE-VLA (Du et al., "HiMoE-VLA: Hierarchical Mixture-of-Experts for Generalist Vision-Language-Action
+    Policies"), as its reference code HiMoE-VLA (`src/moevla/models/himoe.py`, `moevla.py`) builds it:
+    PaliGemma prefix with layerwise attention, an 18-layer action expert of width 1024 (AS-MoE at the first and
+    last 2 layers: 3 SwiGLU experts of 4096, top-1, routed by the action-space mask; HB-MoE at layers 2-5 and
+    12-15: 32 SwiGLU experts of 1024, top-4, plus one shared expert of 1024; GeGLU dense layers of 4096 between),
+    RMSNorm, pi0-style flow matching with the time fused into every action token by an MLP (no noise token, no
+    noise-conditioned attention), chunk 10; HB-Reg (weight 1e-3) and the token-level AS-Reg (2e-3, temperature 0.1)
+    added for every layer. Deliberate variations (attention details, optimiser): the HiMoE table of
+    docs/methods.md."""
     layers = ["as"] * 2 + ["hb"] * 4 + ["d"] * 6 + ["hb"] * 4 + ["as"] * 2
     return VLAConfig(
         preset="himoe-paligemma",
@@ -572,7 +692,9 @@ def _himoe_paligemma() -> VLAConfig:
         action=ActionConfig(
             chunk_size=10, n_action_steps=10, width=1024, num_heads=8, ffn_dim=4096, layers=",".join(layers),
             as_num_experts=3, as_top_k=1, hb_num_experts=32, hb_top_k=4, hb_num_shared=1, hb_expert_ffn_dim=1024,
-            hb_balance_weight=1e-3, as_reg_weight=2e-3, as_reg_temperature=0.1,
+            hb_balance_weight=1e-3, as_reg_weight=2e-3, as_reg_temperature=0.1, as_reg_form="token",
+            loss_layer_reduction="reference", noise_conditioned_attention=False, time_fusion="action_mlp",
+            norm="rmsnorm", dense_activation="geglu", expert_activation="swiglu",
         ),
         objective=ObjectiveConfig(kind="flow", num_inference_steps=10),
         data=DataConfig(image_size=224, unified_action_dim=24, unified_state_dim=24, batch_size=32),
@@ -581,11 +703,38 @@ def _himoe_paligemma() -> VLAConfig:
     )
 
 
+def _moh_pi0() -> VLAConfig:
+    """Mixture of Horizons (Jing et al., "Mixture of Horizons in Action Chunking") on pi0, as its reference code
+    MixtureOfHorizons (`pi0_pytorch_moh.py`, `examples/libero_scripts/pi_moh_dynamic.py`) runs it on LIBERO:
+    a PaliGemma prefix with layerwise attention, pi0's dense 18-layer action expert (width 1024, GeGLU 4096,
+    RMSNorm, the flow time fused into every action token), chunk 30 read at horizons 3, 6, ..., 30, a linear gate
+    with learnable training noise, the segment-wise balance term (weight 1e-3), and dynamic inference by the
+    relative rule (scale_ratio 1, at least 5 actions, stop where 5 or fewer horizons remain). Deliberate variations:
+    the Mixture-of-Horizons table of docs/methods.md."""
+    return VLAConfig(
+        preset="moh-pi0",
+        backbone=BackboneConfig(kind="hf_vlm", model_name_or_path="google/paligemma-3b-pt-224", layerwise=True,
+                                dtype="bfloat16", gradient_checkpointing=True, max_text_tokens=48),
+        action=ActionConfig(
+            chunk_size=30, n_action_steps=5, width=1024, num_heads=8, ffn_dim=4096, layers=",".join(["d"] * 18),
+            noise_conditioned_attention=False, time_fusion="action_mlp", norm="rmsnorm", dense_activation="geglu",
+            moh=HorizonConfig(horizons=tuple(range(3, 31, 3)), balance_weight=1e-3, balance_form="segment_cv",
+                              gate_noise=True, dynamic=True, dynamic_rule="relative", scale_ratio=1.0,
+                              min_replan_steps=5, min_active_horizons=5),
+        ),
+        objective=ObjectiveConfig(kind="flow", num_inference_steps=10),
+        data=DataConfig(image_size=224, unified_action_dim=24, unified_state_dim=24, batch_size=32),
+        train=TrainConfig(steps=30000, lr=5e-5, warmup_steps=1000, mixed_precision="bf16", ema_decay=0.999,
+                          run_name="moh-pi0"),
+    )
+
+
 PRESETS: dict[str, typing.Callable[[], VLAConfig]] = {
     "debug": _debug,
     "tiny-cpu": _tiny_cpu,
     "mode": _mode,
     "himoe-paligemma": _himoe_paligemma,
+    "moh-pi0": _moh_pi0,
 }
 
 
@@ -643,7 +792,12 @@ def parse_value(raw: str, tp: Any, name: str) -> Any:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if tp in (int, float, str):
+        if tp is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ConfigError(f"--{name} must be a finite number, got '{raw}'")
+            return value
+        if tp in (int, str):
             return tp(raw)
         if origin is Literal:
             choices = typing.get_args(tp)
@@ -687,11 +841,61 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         tp, value = hints[f.name], data[f.name]
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _from_dict(tp, value, prefix + f.name + ".")
-        elif typing.get_origin(tp) is tuple:
-            kwargs[f.name] = tuple(value)
         else:
-            kwargs[f.name] = value
+            kwargs[f.name] = _json_value(value, tp, prefix + f.name)
     return cls(**kwargs)
+
+
+def _json_value(value: Any, tp: Any, name: str) -> Any:
+    """Check one JSON value against the field type. A string for a non-string field is parsed exactly as the
+    command line parses it (`parse_value`), so a hand-written "false" or "1e-4" means what it says."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, str) and tp is not str and origin is not Literal:
+        try:
+            return parse_value(value, tp, name)
+        except ConfigError as e:  # the command line's message, naming the field rather than the option
+            raise ConfigError(str(e).replace(f"--{name}", f"field {name}", 1)) from None
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+        or (origin is Literal and value in typing.get_args(tp))
+        or (origin is tuple and isinstance(value, list | tuple))
+    )
+    if not ok:
+        expected = f"one of {list(typing.get_args(tp))}" if origin is Literal else _type_name(tp)
+        raise ConfigError(f"field {name} expects {expected}, got {value!r}")
+    if tp is float:
+        return float(value)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"field {name} expects {len(args)} values, got {list(value)!r}")
+        elems = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
+        return tuple(_json_value(v, e, name) for v, e in zip(value, elems, strict=True))
+    return value
+
+
+def _check_finite(obj: Any, prefix: str) -> None:
+    """Raise a ConfigError naming the first float field (or tuple element) that is NaN or infinite."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{prefix}{f.name} must be a finite number, got {value!r}")
+
+
+def _check_choice(obj: Any, prefix: str, **choices: tuple[str, ...]) -> None:
+    """Raise a ConfigError naming the field when a string option is not one of its choices (JSON configs are not
+    checked against the Literal types)."""
+    for name, allowed in choices.items():
+        value = getattr(obj, name)
+        if value not in allowed:
+            raise ConfigError(f"{prefix}{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def _check_positive(obj: Any, *names: str) -> None:

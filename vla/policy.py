@@ -32,7 +32,6 @@ from torch import nn
 
 from vla.action.head import ActionHead
 from vla.backbones import make_backbone
-from vla.backbones.prefix import Prefix
 from vla.config import VLAConfig, apply_overrides
 from vla.constants import (
     ACTION,
@@ -48,7 +47,8 @@ from vla.constants import (
 from vla.data.embodiments import EmbodimentRegistry, default_registry
 from vla.data.normalize import Normalizer
 from vla.data.transforms import prepare_observation
-from vla.training.layout import resolve_pretrained
+from vla.layout import resolve_pretrained
+from vla.prefix import Prefix
 
 logger = logging.getLogger(__name__)
 
@@ -249,16 +249,43 @@ class VLAPolicy(nn.Module):
             raise CheckpointError(f"{directory / CONFIG_NAME} is not a valid vla config: {e}") from e
         if overrides:
             config = apply_overrides(config, dict(overrides))
-        registry = EmbodimentRegistry.load(directory)
-        normalizer = Normalizer.load(directory) if Normalizer.exists(directory) else None
-        policy = cls(config, registry=registry, normalizer=normalizer, checkpoint_dir=directory)
+        registry, normalizer = _load_processor_files(directory)
         try:
             state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
         except Exception as e:  # safetensors raises several types on truncated/corrupt files
             raise CheckpointError(f"{directory / WEIGHTS_NAME} cannot be read (corrupt or truncated?): {e}") from e
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # every action would be NaN
+            raise CheckpointError(f"{directory / WEIGHTS_NAME} holds non-finite values in {len(bad)} tensor(s) "
+                                  f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): saved after training "
+                                  "diverged; use an earlier checkpoint")
+        policy = cls(config, registry=registry, normalizer=normalizer, checkpoint_dir=directory)
         check_state_dict(policy, state, strict=strict, source=str(directory / WEIGHTS_NAME))
         policy.load_state_dict(state, strict=strict)
         return policy.to(map_location).eval()
+
+
+def _load_processor_files(directory: Path) -> tuple[EmbodimentRegistry, Normalizer | None]:
+    """The checkpoint's embodiment registry and normalization statistics; CheckpointError naming a bad file."""
+    from vla.data.embodiments import REGISTRY_FILE
+
+    try:
+        registry = EmbodimentRegistry.load(directory)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory / REGISTRY_FILE} is missing: not a complete vla checkpoint") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{directory / REGISTRY_FILE} cannot be read (corrupt?): {type(e).__name__}: {e}") from e
+    if not Normalizer.exists(directory):
+        return registry, None
+    try:
+        normalizer = Normalizer.load(directory)
+    except Exception as e:  # JSON, safetensors and key errors alike: name the files
+        raise CheckpointError(f"the normalization statistics in {directory} (normalization.json / "
+                              f".safetensors) cannot be read (corrupt?): {type(e).__name__}: {e}") from e
+    bad = [k for k, v in normalizer.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"the normalization statistics in {directory} hold non-finite values ({', '.join(bad[:3])})")
+    return registry, normalizer
 
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:

@@ -19,19 +19,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vla.action.horizons import MixtureOfHorizons, consensus_execute
+from vla.action.horizons import MixtureOfHorizons, consensus_execute, relative_execute
 from vla.action.moe import (
     ExpertCache,
     RouterRecord,
+    Routing,
     action_space_contrastive_loss,
+    action_space_token_loss,
     load_balance_loss,
     router_z_loss,
+    selected_balance_loss,
 )
 from vla.action.objectives import make_objective, masked_mse
 from vla.action.stats import RoutingStats
 from vla.action.transformer import ActionTransformer
-from vla.backbones.prefix import Prefix
 from vla.config import ActionConfig, ObjectiveConfig
+from vla.prefix import Prefix
 
 
 @dataclass
@@ -46,8 +49,9 @@ class ActionSample:
         horizon_actions: (B, k, H, A) each horizon's denoised estimate at the last denoising step, zero beyond its
             horizon (None with a single horizon).
         horizon_weights: (B, k, H) gate weights at the last denoising step (None with a single horizon).
-        disagreement: (B, H) cross-horizon disagreement per step, averaged over the denoising steps, +inf where
-            fewer than two horizons predict the step (None with a single horizon).
+        disagreement: (B, H) cross-horizon disagreement per step (None with a single horizon). With the
+            "absolute" rule: averaged over the denoising steps, +inf where fewer than two horizons predict the
+            step; with the "relative" rule: the reference's gate-weighted one-step L1, summed over the steps.
     """
 
     actions: Tensor
@@ -82,7 +86,8 @@ class ActionHead(nn.Module):
         self.action_dim, self.state_dim, self.prefix_width = action_dim, state_dim, prefix_width
         self.transformer = ActionTransformer(action_cfg, prefix_width=prefix_width, prefix_layers=prefix_layers,
                                              action_dim=action_dim, state_dim=state_dim)
-        self.horizons = MixtureOfHorizons(action_cfg.moh, action_cfg.chunk_size, action_cfg.width)
+        self.horizons = MixtureOfHorizons(action_cfg.moh, action_cfg.chunk_size, action_cfg.width,
+                                          context=self.transformer.context)
         self.objective = make_objective(objective_cfg)
         self.expert_cache = ExpertCache()
         kinds = action_cfg.layer_kinds
@@ -149,7 +154,12 @@ class ActionHead(nn.Module):
 
     def _router_losses(self, records: list[RouterRecord], descriptor: Tensor, batch: int
                        ) -> dict[str, tuple[Tensor, float]]:
-        """Auxiliary router losses averaged over the layers of each kind, with their config weights."""
+        """Auxiliary router losses combined over the layers of each kind, with their config weights.
+
+        `loss_layer_reduction="mean"` averages every kind over its layers. "reference" follows the papers' code:
+        HiMoE adds each HB / AS layer's weighted loss to the total (a sum over layers), MoDE averages its load
+        balance over the layers (and the z-loss, which MoDE also averages).
+        """
         cfg = self.cfg
         terms: dict[str, list[Tensor]] = {"hb_balance": [], "nm_balance": [], "as_reg": [], "router_z": []}
         for rec in records:
@@ -158,14 +168,28 @@ class ActionHead(nn.Module):
                 terms["hb_balance"].append(load_balance_loss(r.probs.view(batch, -1, r.probs.shape[-1]),
                                                              r.index.view(batch, -1, r.index.shape[-1])))
             elif rec.kind == "nm":
-                terms["nm_balance"].append(load_balance_loss(r.probs[None], r.index[None]))
+                terms["nm_balance"].append(self._nm_balance(r, batch))
+            elif cfg.as_reg_form == "token":
+                terms["as_reg"].append(action_space_token_loss(r.probs, descriptor, cfg.as_reg_temperature,
+                                                               rec.tokens))
             else:
                 terms["as_reg"].append(action_space_contrastive_loss(r.probs, descriptor, cfg.as_reg_temperature))
             if cfg.router_z_weight > 0:
                 terms["router_z"].append(router_z_loss(r.logits))
         weights = {"hb_balance": cfg.hb_balance_weight, "nm_balance": cfg.nm_balance_weight,
                    "as_reg": cfg.as_reg_weight, "router_z": cfg.router_z_weight}
-        return {name: (torch.stack(vals).mean(), weights[name]) for name, vals in terms.items() if vals}
+        summed = {"hb_balance", "as_reg"} if cfg.loss_layer_reduction == "reference" else set()
+        return {name: (torch.stack(vals).sum() if name in summed else torch.stack(vals).mean(), weights[name])
+                for name, vals in terms.items() if vals}
+
+    def _nm_balance(self, r: Routing, batch: int) -> Tensor:
+        """One `nm` layer's load balance over the batch. Rows are samples, or tokens when each token drew its own
+        experts (multinomial selection in training): then every token counts, with its sample's probabilities."""
+        rows = r.index.shape[0]
+        if self.cfg.nm_balance_form == "mode":
+            return selected_balance_loss(r.weights, r.index, r.probs.shape[-1])
+        probs = r.probs.repeat_interleave(rows // batch, dim=0) if rows != batch else r.probs
+        return load_balance_loss(probs[None], r.index[None])
 
     # ---- inference ----
     @torch.no_grad()
@@ -196,6 +220,7 @@ class ActionHead(nn.Module):
         sched = self.objective.scheduler(self.objective_cfg.num_inference_steps, device=state.device)
         x = self.objective.initial_sample(noise.float(), sched)
         disagreement = torch.zeros(b, h, device=state.device)
+        relative = self.cfg.moh.dynamic_rule == "relative"
         fusion = estimates = None
         for i, t in enumerate(sched.timesteps):
             x_in, level = self.objective.model_input(sched, x, t, i)
@@ -207,7 +232,12 @@ class ActionHead(nn.Module):
             if moh:
                 estimates = self.objective.denoised(sched, x[:, None], fusion.per_horizon, i)
                 fused = self.objective.denoised(sched, x, fusion.actions, i)
-                disagreement += self.horizons.disagreement(estimates, fused, action_mask.bool())
+                if relative:
+                    sigma, sigma_next = float(sched.sigmas[i]), float(sched.sigmas[i + 1])
+                    disagreement += self.horizons.step_disagreement(estimates, fused, fusion.weights,
+                                                                    1.0 - sigma_next / sigma, action_mask.bool())
+                else:
+                    disagreement += self.horizons.disagreement(estimates, fused, action_mask.bool())
             if self.cfg.track_routing:
                 self.stats.record(out.records, cond.groups, None, step=i)
                 if moh:
@@ -219,11 +249,12 @@ class ActionHead(nn.Module):
                               num_execute=torch.full((b,), self.cfg.n_action_steps, dtype=torch.long,
                                                      device=x.device))
         if moh:
-            result.disagreement = disagreement / len(sched.timesteps)
+            result.disagreement = disagreement if relative else disagreement / len(sched.timesteps)
             result.horizon_weights = fusion.weights
             result.horizon_actions = estimates * keep[:, None] * self.horizons.coverage[None, :, :, None]
             if self.cfg.moh.dynamic:
-                result.num_execute = consensus_execute(result.disagreement, self.cfg.moh, h)
+                result.num_execute = (relative_execute(result.disagreement, self.cfg.moh, self.horizons.coverage)
+                                      if relative else consensus_execute(result.disagreement, self.cfg.moh, h))
         return result
 
     # ---- statistics ----

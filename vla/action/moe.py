@@ -34,16 +34,36 @@ def gelu(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-class MLP(nn.Module):
-    """Dense two-layer GELU MLP without biases (a `d` layer, and the shared experts of `hb`)."""
+ACTIVATIONS = ("gelu", "geglu", "swiglu")
+"""FFN activations: a plain GELU MLP, or a gated linear unit whose input projection yields [gate; up] and whose
+hidden state is act(gate) * up (GeGLU: tanh-GELU gate, as Gemma's dense layers; SwiGLU: SiLU gate, as HiMoE's and
+MoDE's experts)."""
 
-    def __init__(self, width: int, hidden: int) -> None:
+
+def input_width(hidden: int, activation: str) -> int:
+    """Rows of an FFN's input projection: the hidden width, doubled for a gated unit ([gate; up])."""
+    return hidden * (1 if activation == "gelu" else 2)
+
+
+def activate(h: Tensor, activation: str) -> Tensor:
+    """The FFN nonlinearity on the input projection's output (`input_width` wide) -> (..., hidden)."""
+    if activation == "gelu":
+        return gelu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return (gelu(gate) if activation == "geglu" else F.silu(gate)) * up
+
+
+class MLP(nn.Module):
+    """Dense two-layer MLP without biases (a `d` layer, and the shared experts of `hb`); GELU or a gated unit."""
+
+    def __init__(self, width: int, hidden: int, activation: str = "gelu") -> None:
         super().__init__()
-        self.w_in = nn.Linear(width, hidden, bias=False)
+        self.activation = activation
+        self.w_in = nn.Linear(width, input_width(hidden, activation), bias=False)
         self.w_out = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_out(gelu(self.w_in(x)))
+        return self.w_out(activate(self.w_in(x), self.activation))
 
 
 # ---- routing ---------------------------------------------------------------------------------------------------
@@ -67,24 +87,47 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Linear router: softmax in float32, top-k, renormalised when k > 1.
+    """Router: softmax in float32, top-k (or, in training, a multinomial draw), renormalised when k > 1.
+
+    `kind="linear"`: one bias-free linear map (HiMoE, Switch). `kind="mlp"`: Linear(in, 2 in) -> GELU ->
+    Linear(2 in, E), both with biases (MoDE's router). `selection="multinomial"` draws k distinct experts from the
+    router probabilities while training (MoDE) and takes the top k at inference, so cached inference stays exact.
 
     With k = 1 the raw top probability is kept as the mixing weight (Switch style): renormalising would make it
     exactly 1 and leave the router without a gradient from the task loss.
     """
 
-    def __init__(self, in_dim: int, num_experts: int, top_k: int, jitter: float = 0.0) -> None:
+    def __init__(self, in_dim: int, num_experts: int, top_k: int, jitter: float = 0.0, kind: str = "linear",
+                 selection: str = "topk") -> None:
         super().__init__()
-        self.proj = nn.Linear(in_dim, num_experts, bias=False)
+        if kind not in ("linear", "mlp") or selection not in ("topk", "multinomial"):
+            raise ValueError(f"Router: kind must be 'linear' or 'mlp' and selection 'topk' or 'multinomial', got "
+                             f"kind={kind!r}, selection={selection!r}")
+        if kind == "linear":
+            self.proj = nn.Linear(in_dim, num_experts, bias=False)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.GELU(), nn.Linear(2 * in_dim, num_experts))
+        self.kind, self.selection = kind, selection
         self.num_experts, self.top_k, self.jitter = num_experts, top_k, jitter
 
-    def forward(self, inputs: Tensor) -> Routing:
-        """inputs: (N, in_dim) -> Routing over N rows."""
+    def forward(self, inputs: Tensor, draws: int = 1) -> Routing:
+        """inputs: (N, in_dim) -> Routing over N rows.
+
+        draws: with multinomial selection in training, each row's experts are drawn `draws` times independently
+        (one draw per token of a sample, as when the router input is repeated over the tokens); `index` and
+        `weights` then have N * draws rows (row-major: row n's draws are rows n * draws ... n * draws + draws - 1)
+        while `logits` and `probs` keep N rows.
+        """
         if self.training and self.jitter > 0:  # multiplicative noise, never in place: the caller keeps its tensor
             inputs = inputs * torch.empty_like(inputs).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.proj(inputs).float()
+        logits = (self.proj(inputs) if self.kind == "linear" else self.mlp(inputs)).float()
         probs = logits.softmax(dim=-1)
-        top_p, index = probs.topk(self.top_k, dim=-1)
+        if self.training and self.selection == "multinomial":
+            rows = probs.repeat_interleave(draws, dim=0) if draws > 1 else probs
+            index = torch.multinomial(rows.detach(), self.top_k, replacement=False)
+            top_p = rows.gather(1, index)
+        else:
+            top_p, index = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         return Routing(logits=logits, probs=probs, index=index, weights=top_p.to(inputs.dtype))
@@ -123,6 +166,10 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
         (M, out), row m multiplied by the weight of its group.
     """
     if _grouped_mm_ok(x):
+        if x.dtype != weight.dtype:  # autocast does not cover torch._grouped_mm: cast as it would for a matmul
+            kind = x.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+            x, weight = x.to(dtype), weight.to(dtype)
         offsets = counts.cumsum(0, dtype=torch.int32)
         return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
     # Fallback for dtypes/devices without a grouped kernel: one matmul per expert (never per token).
@@ -149,17 +196,19 @@ class FusedMLP:
     weights: Tensor
     experts: Tensor
     hits: Tensor
+    activation: str = "gelu"
 
     def __call__(self, x: Tensor) -> Tensor:
         y = None
         for w_in, w_out, w in zip(self.w_in, self.w_out, self.weights.to(x.dtype).unbind(), strict=True):
-            part = F.linear(gelu(F.linear(x, w_in)), w_out) * w
+            part = F.linear(activate(F.linear(x, w_in), self.activation), w_out) * w
             y = part if y is None else y + part
         return y
 
 
 class ExpertBank(nn.Module):
-    """E two-layer GELU MLPs stored as 3-D weights; a forward computes only the experts each row is routed to.
+    """E two-layer MLPs (GELU or a gated unit) stored as 3-D weights; a forward computes only the experts each row
+    is routed to.
 
     Dispatch without Python loops over rows: the (row, slot) pairs are sorted by expert (stable), the rows gathered
     in that order, every expert applied to its contiguous slice by one grouped matmul, then the outputs are weighted,
@@ -167,10 +216,10 @@ class ExpertBank(nn.Module):
     deterministic.
     """
 
-    def __init__(self, num_experts: int, width: int, hidden: int) -> None:
+    def __init__(self, num_experts: int, width: int, hidden: int, activation: str = "gelu") -> None:
         super().__init__()
-        self.num_experts, self.width, self.hidden = num_experts, width, hidden
-        self.w_in = nn.Parameter(torch.empty(num_experts, hidden, width))
+        self.num_experts, self.width, self.hidden, self.activation = num_experts, width, hidden, activation
+        self.w_in = nn.Parameter(torch.empty(num_experts, input_width(hidden, activation), width))
         self.w_out = nn.Parameter(torch.empty(num_experts, width, hidden))
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
@@ -180,7 +229,7 @@ class ExpertBank(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x.index_select(0, order // k)
-        hidden = gelu(grouped_linear(xs, self.w_in, counts))
+        hidden = activate(grouped_linear(xs, self.w_in, counts), self.activation)
         ys = grouped_linear(hidden, self.w_out, counts) * weights.reshape(-1, 1).index_select(0, order)
         out = ys.new_zeros(n * k, self.width).index_copy(0, order, ys)
         return rearrange(out, "(n k) d -> n k d", k=k).sum(dim=1)
@@ -192,7 +241,7 @@ class ExpertBank(nn.Module):
         hits[0, experts] = 1
         return FusedMLP(w_in=tuple(self.w_in[e].detach() for e in ids),
                         w_out=tuple(self.w_out[e].detach() for e in ids), weights=weights.detach(), experts=experts,
-                        hits=hits)
+                        hits=hits, activation=self.activation)
 
 
 # ---- routed layers ---------------------------------------------------------------------------------------------
@@ -264,13 +313,16 @@ class RouterRecord:
         layer: index of the layer in the transformer.
         kind: "as", "hb" or "nm".
         routing: the router output (None when the layer was served from the expert cache).
-        counts: (B, E) long expert hits per sample: tokens for `hb`, one decision per sample for `as`/`nm`.
+        counts: (B, E) long expert hits per sample: tokens for `hb`, one decision per sample for `as`/`nm` (tokens
+            for `nm` with multinomial selection in training, where each token draws its own experts).
+        tokens: tokens per sample the layer routed (the token-level AS-Reg counts each of them as an anchor).
     """
 
     layer: int
     kind: str
     routing: Routing | None
     counts: Tensor
+    tokens: int = 1
 
 
 class TokenRoutedMoE(nn.Module):
@@ -279,12 +331,12 @@ class TokenRoutedMoE(nn.Module):
     kind = "hb"
 
     def __init__(self, layer: int, width: int, hidden: int, num_experts: int, top_k: int, num_shared: int,
-                 jitter: float) -> None:
+                 jitter: float, activation: str = "gelu") -> None:
         super().__init__()
         self.layer = layer
         self.router = Router(width, num_experts, top_k, jitter)
-        self.experts = ExpertBank(num_experts, width, hidden)
-        self.shared = MLP(width, num_shared * hidden) if num_shared else None
+        self.experts = ExpertBank(num_experts, width, hidden, activation)
+        self.shared = MLP(width, num_shared * hidden, activation) if num_shared else None
 
     def forward(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, RouterRecord]:
         """x: (B, T, D) -> (B, T, D)."""
@@ -310,13 +362,14 @@ class SampleRoutedMoE(nn.Module):
     """
 
     def __init__(self, kind: str, layer: int, width: int, hidden: int, num_experts: int, top_k: int,
-                 route_dim: int, jitter: float) -> None:
+                 route_dim: int, jitter: float, activation: str = "gelu", router: str = "linear",
+                 selection: str = "topk") -> None:
         super().__init__()
         if kind not in ("as", "nm"):
             raise ValueError(f"SampleRoutedMoE routes 'as' or 'nm' layers, got kind '{kind}'")
         self.kind, self.layer = kind, layer
-        self.router = Router(route_dim, num_experts, top_k, jitter)
-        self.experts = ExpertBank(num_experts, width, hidden)
+        self.router = Router(route_dim, num_experts, top_k, jitter, kind=router, selection=selection)
+        self.experts = ExpertBank(num_experts, width, hidden, activation)
 
     def route_input(self, ctx: RouteContext) -> Tensor:
         return ctx.descriptor if self.kind == "as" else ctx.cond
@@ -328,14 +381,19 @@ class SampleRoutedMoE(nn.Module):
             y, hits = fused(x)
             return y, RouterRecord(self.layer, self.kind, None, hits)
         b, t, _ = x.shape
-        routing = self.router(self.route_input(ctx))
-        index = repeat(routing.index, "b k -> (b t) k", t=t)
-        weights = repeat(routing.weights, "b k -> (b t) k", t=t)
+        per_token = self.training and self.router.selection == "multinomial"
+        routing = self.router(self.route_input(ctx), draws=t if per_token else 1)
+        if per_token:  # every token drew its own experts from its sample's probabilities
+            index, weights = routing.index, routing.weights
+        else:
+            index = repeat(routing.index, "b k -> (b t) k", t=t)
+            weights = repeat(routing.weights, "b k -> (b t) k", t=t)
         y = self.experts(rearrange(x, "b t d -> (b t) d"), index, weights)
-        return rearrange(y, "(b t) d -> b t d", b=b), RouterRecord(self.layer, self.kind, routing,
-                                                                   self._counts(routing.index))
+        counts = self._counts(rearrange(routing.index, "(b t) k -> b (t k)", b=b) if per_token else routing.index)
+        return rearrange(y, "(b t) d -> b t d", b=b), RouterRecord(self.layer, self.kind, routing, counts, tokens=t)
 
     def _counts(self, index: Tensor) -> Tensor:
+        """index: (B, n) expert ids -> (B, E) hits per sample."""
         counts = torch.zeros(index.shape[0], self.experts.num_experts, dtype=torch.long, device=index.device)
         return counts.scatter_add_(1, index, torch.ones_like(index))
 
@@ -452,3 +510,42 @@ def action_space_contrastive_loss(probs: Tensor, descriptor: Tensor, temperature
     log_prob = sim.masked_fill(eye, float("-inf")).log_softmax(dim=1)
     per_anchor = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / pos.sum(dim=1).clamp_min(1)
     return per_anchor[valid].mean()
+
+
+def selected_balance_loss(weights: Tensor, index: Tensor, num_experts: int) -> Tensor:
+    """MoDE's load-balance term of one layer: E * sum_e P_e * f_e over all N routed rows (tokens), where P_e is
+    the mean renormalised mixing weight of expert e (zero where e was not selected) and f_e the fraction of rows
+    that selected e (so sum_e f_e = k). It is k for perfectly uniform routing.
+
+    Args:
+        weights: (N, k) mixing weights of the selected experts; index: (N, k) their ids.
+    """
+    n = index.shape[0]
+    hits = F.one_hot(index, num_experts).to(weights.dtype)  # (N, k, E)
+    p = (hits * weights.float()[..., None]).sum(dim=1).mean(dim=0)  # (E,)
+    f = hits.sum(dim=1).sum(dim=0) / max(n, 1)
+    return num_experts * (p * f).sum()
+
+
+def action_space_token_loss(probs: Tensor, descriptor: Tensor, temperature: float, tokens: int,
+                            eps: float = 1e-8) -> Tensor:
+    """HiMoE's AS-Reg as its reference computes it: an InfoNCE loss over every routed TOKEN of the batch.
+
+    Each of the B * T tokens is an anchor; its positives are all other tokens whose sample has the same action-space
+    descriptor (the other tokens of its own sample included), the denominator runs over all tokens, itself included:
+
+        loss = mean_tokens -log( sum_pos exp(s) / (sum_all exp(s) + eps) + eps ),   s = cos(p_a, p_b) / temperature
+
+    The router input of an `as` layer is the descriptor alone, so every token of a sample has its sample's routing
+    distribution and the sums collapse to sample sums weighted by T (exactly; no B*T x B*T matrix is built).
+
+    Args:
+        probs: (B, E) routing probabilities of one `as` layer; descriptor: (B, A); tokens: T, tokens per sample.
+    """
+    z = F.normalize(probs.float(), dim=-1)
+    e = (z @ z.T / temperature).exp()  # (B, B) similarity of any token of sample i with any token of sample j
+    same = ((descriptor[:, None, :] > 0.5) == (descriptor[None, :, :] > 0.5)).all(dim=-1)
+    eye = torch.eye(probs.shape[0], dtype=torch.bool, device=probs.device)
+    denominator = tokens * e.sum(dim=1)
+    numerator = tokens * (e * (same & ~eye)).sum(dim=1) + (tokens - 1) * e.diagonal()
+    return -(numerator / (denominator + eps) + eps).log().mean()

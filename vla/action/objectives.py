@@ -14,7 +14,8 @@ path:
 Flow matching (pi0 convention): t = 1 is noise, t = 0 data, x_t = t * noise + (1 - t) * x, the net predicts
 u = noise - x, t ~ Beta(a, b) rescaled to [time_min, 1]. The level fed to the net is t (the scheduler's sigma).
 
-EDM (Karras et al.): x_sigma = x + sigma * noise with log sigma ~ N(p_mean, p_std^2). The net sees c_in * x_sigma
+EDM (Karras et al.): x_sigma = x + sigma * noise with log sigma ~ N(p_mean, p_std^2) (or MoDE's truncated
+log-logistic density). The net sees c_in * x_sigma
 and c_noise = log(sigma) / 4 and outputs a raw F; the denoised estimate is c_skip * x_sigma + c_out * F. Training
 uses the scheduler's own `precondition_inputs` / `precondition_noise` / `precondition_outputs`, so training and
 sampling cannot drift apart; regressing F onto (x - c_skip x_sigma) / c_out is EDM's loss weight
@@ -117,23 +118,34 @@ class FlowMatching:
 
 
 class EDMDiffusion:
-    """EDM diffusion with Karras preconditioning; samplers: EDMEulerScheduler or EDMDPMSolverMultistepScheduler."""
+    """EDM diffusion with Karras preconditioning; samplers: EDMEulerScheduler, second-order
+    EDMDPMSolverMultistepScheduler, or its first order (DDIM: x' = (s'/s) x + (1 - s'/s) D(x)); sigmas on the
+    Karras or the exponential schedule."""
 
     kind = "edm"
 
     def __init__(self, cfg: ObjectiveConfig) -> None:
         self.cfg = cfg
         kwargs = {"sigma_min": cfg.sigma_min, "sigma_max": cfg.sigma_max, "sigma_data": cfg.sigma_data,
-                  "sigma_schedule": "karras", "rho": cfg.rho, "prediction_type": "epsilon"}
+                  "sigma_schedule": cfg.sigma_schedule, "rho": cfg.rho, "prediction_type": "epsilon"}
         if cfg.sampler == "euler":
             self._template: SchedulerMixin = EDMEulerScheduler(**kwargs)
         else:
-            self._template = EDMDPMSolverMultistepScheduler(**kwargs, solver_order=2, algorithm_type="dpmsolver++")
+            self._template = EDMDPMSolverMultistepScheduler(**kwargs, solver_order=1 if cfg.sampler == "ddim" else 2,
+                                                            algorithm_type="dpmsolver++")
 
     # ---- training ----
     def sample_time(self, batch: int, device: torch.device) -> Tensor:
-        """(B,) sigma with log sigma ~ N(p_mean, p_std^2)."""
-        return (torch.randn(batch) * self.cfg.p_std + self.cfg.p_mean).exp().to(device)
+        """(B,) training sigmas: log sigma ~ N(p_mean, p_std^2), or the truncated log-logistic density (inverse
+        CDF of a uniform draw between the CDF values of sigma_min and sigma_max, in float64)."""
+        cfg = self.cfg
+        if cfg.sigma_density == "lognormal":
+            return (torch.randn(batch) * cfg.p_std + cfg.p_mean).exp().to(device)
+        loc, scale = math.log(cfg.sigma_data), cfg.loglogistic_scale
+        lo = torch.tensor((math.log(cfg.sigma_min) - loc) / scale, dtype=torch.float64).sigmoid()
+        hi = torch.tensor((math.log(cfg.sigma_max) - loc) / scale, dtype=torch.float64).sigmoid()
+        u = torch.rand(batch, dtype=torch.float64) * (hi - lo) + lo
+        return (u.logit() * scale + loc).exp().float().to(device)
 
     def noisy_actions(self, actions: Tensor, noise: Tensor, time: Tensor) -> NoisyActions:
         sched = self._template

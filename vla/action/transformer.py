@@ -9,8 +9,10 @@ Token layout (see horizons.py for the packing of several horizons):
   With a layerwise prefix, layer i reads prefix layer i * prefix_layers // depth (pi0 style).
 - state and noise tokens attend to each other; action tokens additionally attend to the action tokens of their
   own horizon.
-- The noise level reaches the net three ways: the noise token, the `nm` routers (which see only its embedding) and,
-  with `noise_conditioned_attention`, the attention input of every layer: x + Attn(norm(x) + W_l phi(sigma)) (MoDE).
+- The noise level reaches the net three ways: the noise token (or, with `time_fusion="action_mlp"`, pi0's fusion of
+  the time into every action token, and no noise token), the `nm` routers (which see only its embedding) and, with
+  `noise_conditioned_attention`, the attention input of every layer: x + Attn(norm(x) + W_l phi(sigma)), or
+  x + Attn(norm(x) + phi(sigma)) with one shared shift (MoDE).
 - Each layer's FFN is chosen by `ActionConfig.layers`: `d` dense, `as`/`hb`/`nm` routed (moe.py).
 - At inference every sample of a denoising step shares its noise level, so whatever depends on the level alone
   (the noise embedding, each layer's attention shift, the fused experts of `as`/`nm` layers) is computed once per
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from vla.action.horizons import NUM_CONTEXT_TOKENS, HorizonLayout
 from vla.action.moe import (
+    ACTIVATIONS,
     MLP,
     DescriptorGroups,
     ExpertBank,
@@ -40,8 +43,8 @@ from vla.action.moe import (
     SampleRoutedMoE,
     TokenRoutedMoE,
 )
-from vla.backbones.prefix import Prefix
 from vla.config import ActionConfig
+from vla.prefix import Prefix
 
 
 def sinusoidal_embedding(level: Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> Tensor:
@@ -81,6 +84,11 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
+def make_norm(cfg: ActionConfig, width: int) -> nn.Module:
+    """The block / output norm: LayerNorm, or RMSNorm with eps 1e-6 (HiMoE, MoDE)."""
+    return nn.RMSNorm(width, eps=1e-6) if cfg.norm == "rmsnorm" else nn.LayerNorm(width)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block whose FFN kind is one of d, as, hb, nm."""
 
@@ -88,22 +96,28 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.width
         self.kind = kind
-        self.norm1 = nn.LayerNorm(d)
+        self.norm1 = make_norm(cfg, d)
         self.attn = Attention(d, cfg.num_heads, prefix_width, cfg.dropout)
-        self.noise_proj = nn.Linear(d, d, bias=False) if cfg.noise_conditioned_attention else None
-        self.norm2 = nn.LayerNorm(d)
+        per_layer = cfg.noise_conditioned_attention and cfg.noise_shift == "per_layer"
+        self.noise_proj = nn.Linear(d, d, bias=False) if per_layer else None
+        self.norm2 = make_norm(cfg, d)
         expert_hidden = cfg.expert_ffn_dim or cfg.ffn_dim
+        act = cfg.expert_activation
+        if cfg.dense_activation not in ACTIVATIONS or act not in ACTIVATIONS:
+            raise ValueError(f"activations must be among {ACTIVATIONS}, got dense_activation="
+                             f"{cfg.dense_activation!r}, expert_activation={act!r}")
         if kind == "d":
-            self.ffn: nn.Module = MLP(d, cfg.ffn_dim)
+            self.ffn: nn.Module = MLP(d, cfg.ffn_dim, cfg.dense_activation)
         elif kind == "hb":
             self.ffn = TokenRoutedMoE(layer, d, cfg.hb_expert_ffn_dim or expert_hidden, cfg.hb_num_experts,
-                                      cfg.hb_top_k, cfg.hb_num_shared, cfg.router_jitter)
+                                      cfg.hb_top_k, cfg.hb_num_shared, cfg.router_jitter, act)
         elif kind == "as":
             self.ffn = SampleRoutedMoE("as", layer, d, expert_hidden, cfg.as_num_experts, cfg.as_top_k,
-                                       route_dim=action_dim, jitter=cfg.router_jitter)
+                                       route_dim=action_dim, jitter=cfg.router_jitter, activation=act)
         elif kind == "nm":
             self.ffn = SampleRoutedMoE("nm", layer, d, expert_hidden, cfg.nm_num_experts, cfg.nm_top_k,
-                                       route_dim=d, jitter=cfg.router_jitter)
+                                       route_dim=d, jitter=cfg.router_jitter, activation=act, router=cfg.nm_router,
+                                       selection=cfg.nm_selection)
         else:
             raise ValueError(f"unknown layer kind '{kind}'; known kinds are d, as, hb, nm")
         self.dropout = cfg.dropout
@@ -171,18 +185,22 @@ class NoiseConditioning:
     so sampling with the expert cache computes it once per step and weights.
 
     Attributes:
-        embedding: (B, D) noise-level embedding (the noise token, the `nm` router input).
-        shifts: per layer, the (B, 1, D) attention-input shift W_l phi(sigma), or None without
-            noise-conditioned attention.
+        embedding: (B, D) noise-level embedding (the noise token, the `nm` router input), or None when nothing
+            reads it (time fused into the action tokens, no `nm` layer, no noise-conditioned attention).
+        shifts: per layer, the (B, 1, D) attention-input shift (W_l phi(sigma), or phi(sigma) when shared), or None
+            without noise-conditioned attention.
+        time_features: (B, D) sinusoidal features of the level for pi0-style action-time fusion, else None.
     """
 
-    embedding: Tensor
+    embedding: Tensor | None
     shifts: list[Tensor | None]
+    time_features: Tensor | None = None
 
     def expand(self, batch: int) -> NoiseConditioning:
         """Broadcast a batch-1 conditioning to `batch` samples (views, no copies)."""
-        return NoiseConditioning(self.embedding.expand(batch, -1),
-                                 [None if s is None else s.expand(batch, -1, -1) for s in self.shifts])
+        return NoiseConditioning(None if self.embedding is None else self.embedding.expand(batch, -1),
+                                 [None if s is None else s.expand(batch, -1, -1) for s in self.shifts],
+                                 None if self.time_features is None else self.time_features.expand(batch, -1))
 
 
 @dataclass
@@ -218,10 +236,23 @@ class ActionTransformer(nn.Module):
         self.state_in = nn.Linear(2 * state_dim + action_dim, d)
         self.action_in = nn.Linear(action_dim, d)
         self.action_pos = nn.Parameter(torch.zeros(cfg.chunk_size, d))
-        self.noise_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.noise_token = nn.Parameter(torch.zeros(d))
+        self.fused_time = cfg.time_fusion == "action_mlp"
+        self.context = 1 if self.fused_time else NUM_CONTEXT_TOKENS
+        # the noise embedding exists only where something reads it: the noise token, nm routers, attention shifts
+        self.has_noise_embedding = not self.fused_time or "nm" in kinds or cfg.noise_conditioned_attention
+        if not self.has_noise_embedding:
+            self.noise_mlp = None
+        elif cfg.noise_embedding == "linear":  # MoDE: linear on the scalar level, then a bias-free linear map
+            self.noise_mlp = nn.Sequential(nn.Linear(1, d), nn.Linear(d, d, bias=False))
+        else:
+            self.noise_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.shared_shift = cfg.noise_conditioned_attention and cfg.noise_shift == "shared"
+        self.noise_token = None if self.fused_time else nn.Parameter(torch.zeros(d))
+        if self.fused_time:  # pi0: W_out swish(W_in [action; phi(t)])
+            self.action_time_in = nn.Linear(2 * d, d)
+            self.action_time_out = nn.Linear(d, d)
         self.blocks = nn.ModuleList(Block(cfg, kind, i, prefix_width, action_dim) for i, kind in enumerate(kinds))
-        self.norm_out = nn.LayerNorm(d)
+        self.norm_out = make_norm(cfg, d)
         self.action_out = nn.Linear(d, action_dim)
         self.prefix_index = [i * prefix_layers // self.depth for i in range(self.depth)] if prefix_layers else None
         self._init_weights()
@@ -244,7 +275,8 @@ class ActionTransformer(nn.Module):
             if name.endswith(("attn.proj.weight", "w_out.weight")):
                 nn.init.normal_(p, std=resid_std)
         nn.init.normal_(self.action_pos, std=std)
-        nn.init.normal_(self.noise_token, std=std)
+        if self.noise_token is not None:
+            nn.init.normal_(self.noise_token, std=std)
 
     # ---- per observation ----
     def condition(self, prefix: Prefix, state: Tensor, state_mask: Tensor, action_mask: Tensor) -> Conditioning:
@@ -266,10 +298,18 @@ class ActionTransformer(nn.Module):
 
     # ---- per denoising step ----
     def noise_conditioning(self, level: Tensor) -> NoiseConditioning:
-        """(B,) noise levels -> the noise-level embedding and every layer's attention shift."""
-        emb = self.noise_mlp(sinusoidal_embedding(level, self.cfg.width).to(self.action_in.weight.dtype))
-        shifts = [None if blk.noise_proj is None else blk.noise_proj(emb)[:, None, :] for blk in self.blocks]
-        return NoiseConditioning(emb, shifts)
+        """(B,) noise levels -> the noise-level embedding, every layer's attention shift and the time features."""
+        dtype = self.action_in.weight.dtype
+        features = sinusoidal_embedding(level, self.cfg.width).to(dtype)
+        emb = None
+        if self.noise_mlp is not None:
+            linear = self.cfg.noise_embedding == "linear"
+            emb = self.noise_mlp(level.to(dtype)[:, None] if linear else features)
+        if self.shared_shift:
+            shifts = [emb[:, None, :]] * self.depth
+        else:
+            shifts = [None if blk.noise_proj is None else blk.noise_proj(emb)[:, None, :] for blk in self.blocks]
+        return NoiseConditioning(emb, shifts, features if self.fused_time else None)
 
     def plan_step(self, level: Tensor, step_key: Hashable, cond: Conditioning, cache: ExpertCache) -> StepPlan:
         """Decide a denoising step ahead from the cache (entries are built on first use).
@@ -300,8 +340,13 @@ class ActionTransformer(nn.Module):
         fused = [None] * self.depth if plan is None else plan.layers
         actions = (noisy * cond.descriptor[:, None, :]).index_select(1, layout.position)
         action_tokens = self.action_in(actions) + self.action_pos.index_select(0, layout.position)
-        noise_tok = (noise.embedding + self.noise_token)[:, None, :]
-        x = torch.cat([cond.state_token, noise_tok, action_tokens], dim=1)
+        if self.fused_time:
+            time = noise.time_features[:, None, :].expand_as(action_tokens)
+            action_tokens = self.action_time_out(F.silu(self.action_time_in(torch.cat([action_tokens, time], -1))))
+            x = torch.cat([cond.state_token, action_tokens], dim=1)
+        else:
+            noise_tok = (noise.embedding + self.noise_token)[:, None, :]
+            x = torch.cat([cond.state_token, noise_tok, action_tokens], dim=1)
         mask = cond.attention_mask(layout)
         ctx = RouteContext(cond=noise.embedding, descriptor=cond.descriptor)
         records = []
@@ -309,6 +354,6 @@ class ActionTransformer(nn.Module):
             x, record = block(x, kv, mask, ctx, shift, layer)
             if record is not None:
                 records.append(record)
-        hidden = self.norm_out(x[:, NUM_CONTEXT_TOKENS:])
+        hidden = self.norm_out(x[:, layout.context:])
         pred = self.action_out(hidden).float()
         return TransformerOutput(hidden=hidden, pred=pred, records=records)

@@ -1,27 +1,6 @@
-"""The hand-off between a backbone and the action transformer."""
+"""The backbone side's name for the hand-off type: `Prefix` lives in `vla.prefix` (shared with the action head,
+which must not import backbones)."""
 
-from __future__ import annotations
+from vla.prefix import Prefix
 
-from dataclasses import dataclass
-
-import torch
-
-
-@dataclass
-class Prefix:
-    """Image + instruction features the action tokens attend to.
-
-    Attributes:
-        tokens: (B, P, D) the backbone's final prefix tokens.
-        mask: (B, P) bool, True for tokens that may be attended to (missing cameras and padding are False).
-        layers: optional per-layer hidden states [(B, P, D_l)] of the backbone, for pi0-style layerwise attention
-            where action layer i attends to backbone layer i * len(layers) // depth.
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    layers: list[torch.Tensor] | None = None
-
-    @property
-    def width(self) -> int:
-        return self.tokens.shape[-1]
+__all__ = ["Prefix"]

@@ -67,6 +67,9 @@ class Embodiment:
         action_names: optional name per native action dimension (length A), for logs and docs.
         state_names: optional name per native state dimension (length S).
         description: one line on where the data comes from.
+        obs_keys: observation key of a foreign client -> vla batch key (`vla.constants`), e.g. openpi's LIBERO
+            client `{"observation/image": "observation.images.base", "prompt": "task"}`; the policy server
+            (`vla.serve`) and the remote evaluation client rename with it, so a new client is a registry entry.
     """
 
     name: str
@@ -81,6 +84,7 @@ class Embodiment:
     action_names: tuple[str, ...] = ()
     state_names: tuple[str, ...] = ()
     description: str = ""
+    obs_keys: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Slots default to the first dims; lists from JSON/YAML become tuples so equality is by value.
@@ -95,6 +99,7 @@ class Embodiment:
             set_(self, f"{kind}_slots", tuple(int(s) for s in slots))
             set_(self, f"{kind}_names", tuple(getattr(self, f"{kind}_names")))
         set_(self, "cameras", dict(self.cameras))
+        set_(self, "obs_keys", dict(self.obs_keys))
         problems = self.problems()
         if problems:
             raise EmbodimentError(f"embodiment '{self.name}' is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -127,6 +132,10 @@ class Embodiment:
         dup = sorted({c for c in canon if canon.count(c) > 1})
         if dup:
             out.append(f"cameras maps several native cameras to the same canonical name(s) {dup}")
+        targets = list(self.obs_keys.values())
+        dup = sorted({t for t in targets if targets.count(t) > 1})
+        if dup:
+            out.append(f"obs_keys maps several client keys to the same vla key(s) {dup}")
         return out
 
     # ---- unified vectors -----------------------------------------------------------------------------------------
@@ -374,6 +383,13 @@ def load_structured(path: Path) -> Any:
 
 
 # ---- built-ins -------------------------------------------------------------------------------------------------
+OPENPI_LIBERO_KEYS = {
+    "observation/image": "observation.images.base",
+    "observation/wrist_image": "observation.images.wrist",
+    "observation/state": "observation.state",
+    "prompt": "task",
+}
+"""The observation keys of openpi's LIBERO client (its examples/libero/main.py) -> vla batch keys."""
 _EEF_ACTION = ("dx", "dy", "dz", "drx", "dry", "drz", "gripper")
 _EEF_STATE = ("eef_x", "eef_y", "eef_z", "eef_ax", "eef_ay", "eef_az", "gripper_q0", "gripper_q1")
 _ALOHA_JOINTS = tuple(
@@ -396,6 +412,7 @@ def default_registry() -> EmbodimentRegistry:
             action_names=_EEF_ACTION, state_names=_EEF_STATE,
             description="Franka Panda in LIBERO (robosuite OSC_POSE): delta eef position/axis-angle scaled to "
                         "[-1, 1] (1 = 0.05 m / 0.5 rad) + gripper; state eef pos, axis-angle, 2 finger qpos",
+            obs_keys=OPENPI_LIBERO_KEYS,
         ),
         Embodiment(
             name="calvin_panda", action_dim=7, state_dim=15, action_type="rel_eef", fps=30,

@@ -261,6 +261,21 @@ def decode_video_frame(path: Path, timestamp: float, tolerance_s: float) -> torc
     raise ValueError(f"no frame at {timestamp:.3f} s in {path}")
 
 
+class SampleError(RuntimeError):
+    """A sample of an otherwise valid dataset cannot be read (a corrupt image); one line naming dataset, episode,
+    frame and camera.
+
+    A DataLoader worker re-raises it in the main process as `SampleError("Caught SampleError ... Traceback ...")`;
+    the constructor keeps only the original one-line message, so what reaches the user is that line.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 @dataclass
 class FrameSource:
     """One opened dataset of a mixture.
@@ -297,8 +312,11 @@ class FrameSource:
         try:
             return self.cameras[camera](i)
         except Exception as e:
-            raise RuntimeError(f"{self.name}: cannot decode camera '{camera}' at frame {i} "
-                               f"({type(e).__name__}: {e})") from e
+            ends = np.unique(self.episode_end)  # exclusive end rows, one per episode, in file order
+            episode = int(np.searchsorted(ends, i, side="right"))
+            start = int(ends[episode - 1]) if episode > 0 else 0
+            raise SampleError(f"dataset {self.name}: episode {episode} frame {i - start} (row {i}), camera "
+                              f"'{camera}' cannot be decoded ({type(e).__name__}: {e})") from e
 
     def cacheable_cameras(self) -> list[str]:
         """Cameras stored as images (one PNG/JPEG per frame); video cameras keep decoding per sample."""

@@ -158,6 +158,10 @@ class Mixture:
         mapping = entry.cameras if entry.cameras is not None else (emb.cameras if emb else {})
         used = {native: canon for native, canon in mapping.items() if canon in self.data_cfg.cameras}
         problems += self._camera_problems(mapping, used, info, emb is not None)
+        masked = [c for c in self.data_cfg.cameras if c not in used.values()]
+        if used and masked:  # allowed (a robot without that camera), but say so: the policy never sees it here
+            logger.warning("%s: no camera maps to data.cameras %s (mapping: %s): masked in every sample of this "
+                           "dataset", entry.dataset, masked, dict(mapping))
         if info is not None:
             problems += self._feature_problems(info, emb)
             images = [IMAGE_PREFIX + n for n in used if info.cameras.get(n) == "image"]

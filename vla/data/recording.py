@@ -83,6 +83,90 @@ def record_from_args(args: argparse.Namespace, out: Path, **generator: Any) -> i
     return 0 if not record.get("missing_episodes") else 1
 
 
+# ---- image statistics ----------------------------------------------------------------------------------------
+
+
+STATS_FILE = "meta/stats.json"
+IMAGE_STATS_EXACT = "exact-uint8-histogram"
+"""Marks (in `meta/generation.json`) a dataset whose image statistics this module computed; one without it was
+written before, with lerobot's overflowed image statistics, and is repaired when it is reused."""
+
+
+class ImageStats:
+    """Exact per-channel statistics of the uint8 camera frames a dataset holds, from 256-bin histograms.
+
+    lerobot 0.4.4 computes image statistics by squaring uint8 pixels before converting them to float, which
+    overflows: its `meta/stats.json` then holds image std values near 0.001 where the true value is about 0.2, and
+    any lerobot policy normalising with them scales images by hundreds. The histograms here count every pixel of
+    every written frame, so mean, std, min, max and the quantiles are exact (in lerobot's units: [0, 1], shape
+    (3, 1, 1)); `write` replaces the image entries of `meta/stats.json` with them.
+    """
+
+    def __init__(self) -> None:
+        self.hist: dict[str, np.ndarray] = {}
+        self.frames: dict[str, int] = {}
+
+    def add(self, key: str, frames: np.ndarray) -> None:
+        """frames: (T, H, W, 3) uint8, as the generators record them."""
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise TypeError(f"ImageStats: {key!r} frames must be (T, H, W, 3) uint8, got {frames.dtype} "
+                            f"{tuple(frames.shape)}")
+        hist = self.hist.setdefault(key, np.zeros((3, 256), dtype=np.int64))
+        for c in range(3):
+            hist[c] += np.bincount(frames[..., c].ravel(), minlength=256)
+        self.frames[key] = self.frames.get(key, 0) + len(frames)
+
+    def stats(self, key: str, quantiles: Sequence[str] = ("q01", "q10", "q50", "q90", "q99")) -> dict[str, Any]:
+        """lerobot-style statistics of one camera: lists of shape (3, 1, 1) in [0, 1], count = frames."""
+        hist = self.hist[key].astype(np.float64)
+        values = np.arange(256, dtype=np.float64) / 255.0
+        n = hist.sum(axis=1)
+        mean = (hist * values).sum(axis=1) / n
+        std = np.sqrt(np.maximum((hist * values**2).sum(axis=1) / n - mean**2, 0.0))
+        nonzero = hist > 0
+        lo = np.array([values[np.argmax(row)] for row in nonzero])
+        hi = np.array([values[255 - np.argmax(row[::-1])] for row in nonzero])
+        cdf = hist.cumsum(axis=1) / n[:, None]
+
+        def shaped(v: np.ndarray) -> list:
+            return v.reshape(3, 1, 1).tolist()
+
+        out = {"min": shaped(lo), "max": shaped(hi), "mean": shaped(mean), "std": shaped(std),
+               "count": [self.frames[key]]}
+        for q in quantiles:
+            level = int(q[1:]) / 100.0
+            out[q] = shaped(np.array([values[np.searchsorted(row, level)] for row in cdf]))
+        return out
+
+    @classmethod
+    def from_dataset(cls, root: str | Path) -> ImageStats:
+        """Count every stored camera frame of a LeRobot image dataset at `root` (PNG frames are lossless, so the
+        decoded [0, 1] floats are exactly the recorded uint8 values / 255)."""
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+        root = Path(root)
+        dataset = LeRobotDataset(repo_id=f"local/{root.name}", root=root)
+        stats = cls()
+        for key in dataset.meta.camera_keys:
+            column = dataset.hf_dataset.select_columns([key])
+            for start in range(0, len(column), 256):
+                frames = np.stack([np.asarray(f) for f in column[start:start + 256][key]])  # (n, 3, H, W)
+                stats.add(key, np.rint(frames.transpose(0, 2, 3, 1) * 255.0).astype(np.uint8))
+        return stats
+
+    def write(self, root: str | Path) -> None:
+        """Replace the image entries of `root/meta/stats.json` (keeping lerobot's quantile keys)."""
+        path = Path(root) / STATS_FILE
+        stats = json.loads(path.read_text()) if path.exists() else {}
+        for key in self.hist:
+            old = stats.get(key, {})
+            quantiles = [q for q in old if q.startswith("q") and q[1:].isdigit()] or ["q01", "q10", "q50", "q90",
+                                                                                      "q99"]
+            stats[key] = self.stats(key, quantiles)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stats, indent=4) + "\n")
+
+
 # ---- features ----------------------------------------------------------------------------------------------------
 
 
@@ -372,6 +456,11 @@ def record_demonstrations(
     record = existing_output(out, request)
     if record is not None:
         logger.info("reusing the finished dataset at %s", out)
+        if record.get("image_stats") != IMAGE_STATS_EXACT:  # written before the overflow fix: repair it once
+            logger.info("recomputing the image statistics of %s from its frames", out)
+            ImageStats.from_dataset(out).write(out)
+            record["image_stats"] = IMAGE_STATS_EXACT
+            (out / GENERATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return {**record, "reused": True}
 
     from datasets.utils import logging as datasets_logging
@@ -389,9 +478,10 @@ def record_demonstrations(
     hf_bars = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # one "Map" bar per saved episode would drown the demos bar
     try:
+        image_stats = ImageStats()
         stats, wanted, errors = _collect(
             dataset, runner_factory, runner_kwargs, task_ids, episodes_per_task, features, seed, workers,
-            max_attempts_per_task or 2 * episodes_per_task + 10, progress, out.name,
+            max_attempts_per_task or 2 * episodes_per_task + 10, progress, out.name, image_stats,
         )
         written = sum(episodes_per_task - wanted[t] for t in task_ids)
         if written == 0:
@@ -415,7 +505,9 @@ def record_demonstrations(
         "wall_seconds": round(time.perf_counter() - start, 1),
         "workers": workers,
         "errors": errors[:10],
+        "image_stats": IMAGE_STATS_EXACT,
     }
+    image_stats.write(tmp)  # lerobot's own image statistics overflow (uint8 squared); replace them
     record["disk_bytes"] = dir_size_bytes(tmp)
     (tmp / GENERATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
     tmp.rename(out)
@@ -425,7 +517,7 @@ def record_demonstrations(
 def _collect(
     dataset, runner_factory: RunnerFactory, runner_kwargs: dict[str, Any], task_ids: Sequence[int],
     episodes_per_task: int, features: dict[str, dict[str, Any]], seed: int, workers: int, max_attempts: int,
-    progress: bool, name: str,
+    progress: bool, name: str, image_stats: ImageStats | None = None,
 ) -> tuple[dict[int, TaskStats], dict[int, int], list[str]]:
     """Run rollouts until every task has its successful episodes (or its attempts run out), writing each kept
     episode into `dataset` as it arrives. Returns (per-task stats, episodes still missing per task, errors)."""
@@ -472,7 +564,7 @@ def _collect(
                 episode: Episode = payload
                 stats[episode.task_id].add(episode)
                 if episode.success and wanted[episode.task_id] > 0:
-                    _write_episode(dataset, episode, features)
+                    _write_episode(dataset, episode, features, image_stats)
                     wanted[episode.task_id] -= 1
                     bar.update(1)
                 elif not episode.success:
@@ -487,8 +579,10 @@ def _collect(
     return stats, wanted, errors
 
 
-def _write_episode(dataset, episode: Episode, features: dict[str, dict[str, Any]]) -> None:
-    """Append one successful episode to an open LeRobot dataset (images are PNG-encoded by writer threads)."""
+def _write_episode(dataset, episode: Episode, features: dict[str, dict[str, Any]],
+                   image_stats: ImageStats | None = None) -> None:
+    """Append one successful episode to an open LeRobot dataset (images are PNG-encoded by writer threads) and
+    count its pixels into `image_stats`."""
     frames = episode.frames
     if frames is None or set(frames) != set(features):
         got = None if frames is None else sorted(frames)
@@ -500,6 +594,10 @@ def _write_episode(dataset, episode: Episode, features: dict[str, dict[str, Any]
     for i in range(n):
         dataset.add_frame({**{key: value[i] for key, value in frames.items()}, "task": episode.task})
     dataset.save_episode()
+    if image_stats is not None:
+        for key, value in frames.items():
+            if features[key]["dtype"] in ("image", "video"):
+                image_stats.add(key, np.asarray(value))
 
 
 def summary_lines(record: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ from vla.constants import (
 )
 from vla.data.embodiments import Embodiment, EmbodimentRegistry
 from vla.data.normalize import Normalizer
+from vla.data.validation import validate_observation
 
 ImageLike = np.ndarray | torch.Tensor
 
@@ -248,7 +249,10 @@ def prepare_observation(
     """A raw observation of one embodiment (single or batched) -> (batched model inputs on `device`, its name).
 
     The policy's inference entry point; see `Processor.observation` for the accepted keys. `embodiment` may be
-    omitted when `default_embodiment` is given (a policy trained on a single robot).
+    omitted when `default_embodiment` is given (a policy trained on a single robot). The observation is checked
+    (`vla.data.validation.validate_observation`) before any model input is made: a malformed one raises
+    ObservationError naming the key. Images of canonical cameras that the embodiment declares but the policy was
+    not trained with (a simulator rendering `wrist` for a `base`-only policy) are ignored.
     """
     name = observation.get(EMBODIMENT, default_embodiment)
     if name is None:
@@ -258,6 +262,8 @@ def prepare_observation(
     if len(names) != 1:
         raise ValueError(f"one embodiment per call, got {sorted(names)}")
     (name,) = names
+    declared = registry.get(name).cameras.values() if name in registry else ()
+    validate_observation(observation, data_cfg.cameras, optional_cameras=set(declared) - set(data_cfg.cameras))
     batch = Processor(data_cfg, registry, normalizer).observation({**observation, EMBODIMENT: name})
     if device is not None:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -884,6 +884,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--policy", default=None, help=f"checkpoint directory (VLAPolicy.from_pretrained) or '{RANDOM_POLICY}'")
+    parser.add_argument("--remote", default=None, metavar="ws://HOST:PORT",
+                        help="evaluate the policy served there by any openpi-protocol server instead of --policy "
+                             "(an API key is read from $VLA_SERVE_API_KEY)")
     parser.add_argument("--chains", type=int, default=d.calvin_num_chains,
                         help="evaluate the first N of the 1000 instruction chains")
     parser.add_argument("--chain-seed", type=int, default=d.calvin_chain_seed, help="chain generator seed (0 = official)")
@@ -904,6 +907,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def remote_source(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """`--remote ws://...`: a served policy, checked to answer before anything is written."""
+    from vla.serve.client import RemotePolicyError, RemoteSource
+
+    if args.policy:
+        parser.error("give either --policy or --remote, not both")
+    if not args.remote.startswith(("ws://", "wss://")):
+        parser.error(f"--remote expects a websocket URI like ws://127.0.0.1:8000, got {args.remote!r}")
+    if args.out is None:
+        parser.error("--out is required with --remote (there is no checkpoint directory to write into)")
+    if args.policy_set:
+        parser.error("--policy-set changes a local checkpoint; set inference options on the server instead")
+    source = RemoteSource(args.remote)
+    try:
+        source.identity()
+    except RemotePolicyError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return source
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """`eval/calvin.py`: check calvin_env, evaluate the chains, print the summary. Exits 1 without calvin_env."""
     parser = build_parser()
@@ -914,13 +937,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             path = write_calvin_env_config(args.write_env_config, args.scene, args.calvin_root)
             print(f"wrote {path}")
             return {}
-        if not args.policy:
-            parser.error("--policy is required (a checkpoint directory or 'random')")
-        if args.policy != RANDOM_POLICY and not Path(args.policy).exists():
-            parser.error(f"--policy {args.policy}: no such checkpoint directory")
-        if args.out is None and args.policy == RANDOM_POLICY:
-            parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
-        source = policy_with_settings(args.policy, args.policy_set, parser.error)
+        if args.remote:
+            source = remote_source(args, parser)
+        else:
+            if not args.policy:
+                parser.error("--policy is required (a checkpoint directory or 'random'), or --remote ws://HOST:PORT")
+            if args.policy != RANDOM_POLICY and not Path(args.policy).exists():
+                parser.error(f"--policy {args.policy}: no such checkpoint directory")
+            if args.out is None and args.policy == RANDOM_POLICY:
+                parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
+            source = policy_with_settings(args.policy, args.policy_set, parser.error)
         calvin_env_root(args.calvin_root)
     except (CalvinNotInstalled, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from vla.config import ConfigError, EvalConfig
+from vla.constants import OBS_IMAGES
 from vla.sim import results as R
 from vla.sim.policies import (
     RANDOM_POLICY,
@@ -71,6 +72,69 @@ LIBERO_PRO_PERTURBATIONS = ("lan", "object", "swap", "task", "env")
 """LIBERO-PRO suite suffixes: instruction paraphrase, object appearance, position swap, task, environment."""
 PRO_BASE_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 VIDEO_CAMERA = "agentview"
+
+
+@dataclass(frozen=True)
+class ClientProtocol:
+    """How the client side of an evaluation prepares what the policy sees (recorded in results.json).
+
+    Args:
+        name: "vla" (our runner's defaults) or "openpi" (what openpi's LIBERO client shows a policy trained on the
+            public LIBERO data).
+        image_size: render resolution forced by the protocol (None: the evaluation's own setting).
+        msaa: render with MuJoCo's default multisampling.
+        resize_with_pad: > 0: resize each camera image to this square size keeping its aspect ratio, padding with
+            black (openpi's `image_tools.resize_with_pad`), before the policy sees it.
+        replan_steps: forced replanning interval (None: the evaluation's own setting).
+        seed: forced evaluation seed (None: the evaluation's own).
+        seed_stream: "episode": numpy/torch/env seeded per episode from the seed and its indices (independent of
+            the worker); "task": seeded once with `seed` when a worker builds a task's env and carried across the
+            episodes it runs (openpi's stream, exact with one worker).
+    """
+
+    name: str
+    image_size: int | None = None
+    msaa: bool = False
+    resize_with_pad: int = 0
+    replan_steps: int | None = None
+    seed: int | None = None
+    seed_stream: str = "episode"
+
+    def apply(self, cfg: EvalConfig) -> EvalConfig:
+        """The evaluation settings with the protocol's forced values."""
+        forced = {k: v for k, v in (("image_size", self.image_size), ("replan_steps", self.replan_steps),
+                                    ("seed", self.seed)) if v is not None}
+        return dataclasses.replace(cfg, **forced)
+
+
+CLIENT_PROTOCOLS = {
+    "vla": ClientProtocol("vla"),
+    "openpi": ClientProtocol("openpi", image_size=256, msaa=True, resize_with_pad=224, replan_steps=5, seed=7,
+                             seed_stream="task"),
+}
+"""Named client protocols; `--protocol openpi` makes a served π0 / π0.5 see what openpi's own client sends."""
+
+
+def client_protocol(name: str) -> ClientProtocol:
+    if name not in CLIENT_PROTOCOLS:
+        raise ValueError(f"unknown client protocol {name!r}; known: {', '.join(CLIENT_PROTOCOLS)}")
+    return CLIENT_PROTOCOLS[name]
+
+
+def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> (size, size, 3): bilinear resize of the longer side to `size`, centred, black padding."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), resample=Image.BILINEAR))
+    out = np.zeros((size, size, image.shape[2]), dtype=image.dtype)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = resized
+    return out
 
 
 # ---- suites ----------------------------------------------------------------------------------------------------
@@ -165,12 +229,13 @@ def run_episode(
     replan_steps: int = 0,
     video_stride: int = 0,
     episode: Episode | None = None,
+    pad_to: int = 0,
 ) -> Episode:
     """Roll out one LIBERO episode with the official protocol from a fixed initial state.
 
     `env` is an env made by `make_libero_env(..., render=False)`. With `video_stride > 0` the agent-view frames
     (upright, uint8 (S, S, 3)) are collected in `episode.frames`. Pass `episode` to keep the partial timings and
-    frames if the rollout raises.
+    frames if the rollout raises. `pad_to > 0` resizes-with-pad every policy image to that size (a client protocol).
     """
     from vla.sim.libero_env import ACTION_DIM, DEFAULT_SIM_CAMERAS, libero_images, libero_observation, render_cameras
 
@@ -198,6 +263,8 @@ def run_episode(
         if want_frame and not query:
             pixels = render_cameras(env, [VIDEO_CAMERA])
         obs = libero_observation({**raw, **pixels}, language, image_size=image_size, cameras=cameras)
+        if pad_to:
+            obs = {k: resize_with_pad(v, pad_to) if k.startswith(OBS_IMAGES) else v for k, v in obs.items()}
         if want_frame:
             ep.frames.append(libero_images(pixels, image_size=image_size, cameras=[VIDEO_CAMERA])[VIDEO_CAMERA])
         t1 = clock()
@@ -243,9 +310,11 @@ class LiberoWorker:
     cfg: EvalConfig
     policy_source: Any
     out_dir: str
+    protocol: str = "vla"
 
     def __call__(self) -> LiberoEpisodeRunner:
-        return LiberoEpisodeRunner(self.cfg, load_policy(self.policy_source), Path(self.out_dir))
+        return LiberoEpisodeRunner(self.cfg, load_policy(self.policy_source), Path(self.out_dir),
+                                   protocol=client_protocol(self.protocol))
 
 
 def import_triton_before_egl() -> None:
@@ -263,9 +332,10 @@ def import_triton_before_egl() -> None:
 class LiberoEpisodeRunner:
     """Runs jobs {"task_id", "episode", "video"} in one process; keeps the env of the current task."""
 
-    def __init__(self, cfg: EvalConfig, policy: Any, out_dir: Path):
+    def __init__(self, cfg: EvalConfig, policy: Any, out_dir: Path, *, protocol: ClientProtocol | None = None):
         import_triton_before_egl()
         self.cfg, self.policy, self.out_dir = cfg, policy, out_dir
+        self.protocol = protocol or CLIENT_PROTOCOLS["vla"]
         self.env = None
         self.env_task: int | None = None
         self.max_steps = cfg.max_steps or suite_max_steps(cfg.suite)
@@ -275,8 +345,11 @@ class LiberoEpisodeRunner:
 
         if self.env_task != task_id:
             self.close()
+            if self.protocol.seed_stream == "task":  # openpi: numpy and the env seeded once per task
+                seed_everything(self.cfg.seed)
             self.env, _ = make_libero_env(self.cfg.suite, task_id, image_size=self.cfg.image_size, render=False,
-                                          seed=self.cfg.seed, hard_reset=not self.cfg.fast_reset)
+                                          seed=self.cfg.seed, hard_reset=not self.cfg.fast_reset,
+                                          msaa=self.protocol.msaa)
             self.env_task = task_id
         return self.env
 
@@ -295,12 +368,16 @@ class LiberoEpisodeRunner:
             t0 = time.perf_counter()
             env = self._env(task_id)
             ep.time_reset += time.perf_counter() - t0
-            seed_everything(record["seed"])  # after the (cached or not) env build: the same draws on any worker
+            if self.protocol.seed_stream == "episode":
+                seed_everything(record["seed"])  # after the (cached or not) env build: the same draws on any worker
+            else:
+                record["seed"] = self.cfg.seed  # the stream carried since this worker built the task's env
             run_episode(
                 env, self.policy, language=task_instruction(self.cfg.suite, task_id), init_state=init_states[index],
                 max_steps=self.max_steps,
                 image_size=self.cfg.image_size, replan_steps=self.cfg.replan_steps,
                 video_stride=self.cfg.video_stride if job["video"] else 0, episode=ep,
+                pad_to=self.protocol.resize_with_pad,
             )
         except PolicyError as e:  # the env is fine: keep it
             logger.warning("%s task %d episode %d: the policy raised %s", self.cfg.suite, task_id, index, e)
@@ -354,7 +431,7 @@ def lost_record(cfg: EvalConfig):
 # ---- a whole suite ---------------------------------------------------------------------------------------------
 
 
-def protocol_settings(cfg: EvalConfig, task_ids: Sequence[int]) -> dict[str, Any]:
+def protocol_settings(cfg: EvalConfig, task_ids: Sequence[int], protocol: str = "vla") -> dict[str, Any]:
     """Everything that decides what the numbers mean; a resumed run must match it exactly."""
     from vla.sim.libero_env import get_init_states, num_tasks
 
@@ -369,6 +446,9 @@ def protocol_settings(cfg: EvalConfig, task_ids: Sequence[int]) -> dict[str, Any
         deviations.append(f"{len(task_ids)} of {num_tasks(cfg.suite)} tasks")
     if cfg.fast_reset:
         deviations.append("soft resets (states differ from hard resets by ~1e-5)")
+    client = client_protocol(protocol)
+    if client.seed_stream == "task" and cfg.num_workers > 1:
+        deviations.append(f"{client.name} seed stream carried per worker process ({cfg.num_workers} workers)")
     return {
         "benchmark": "LIBERO", "suite": cfg.suite, "base_suite": base_suite(cfg.suite), "tasks": list(task_ids),
         "episodes_per_task": cfg.episodes_per_task, "init_states": "benchmark fixed init states, episode i -> state i",
@@ -377,6 +457,7 @@ def protocol_settings(cfg: EvalConfig, task_ids: Sequence[int]) -> dict[str, Any
         "reset": "soft" if cfg.fast_reset else "hard",
         "replan_steps": cfg.replan_steps, "official": not deviations, "deviations": deviations,
         "instruction": "task language (file name)" if cfg.suite in MAX_STEPS else "the task's BDDL instruction",
+        "client_protocol": dataclasses.asdict(client),
     }
 
 
@@ -388,6 +469,7 @@ def evaluate_libero(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    protocol: str = "vla",
 ) -> dict[str, Any]:
     """Evaluate a policy on one LIBERO suite (`cfg.suite`) and write every output into `out_dir`.
 
@@ -398,15 +480,17 @@ def evaluate_libero(
         resume: keep the finished episodes of an interrupted run in `out_dir` and evaluate only the missing ones.
         overwrite: discard earlier results in `out_dir`.
         progress: show a tqdm bar over episodes with the running success rate.
+        protocol: client protocol (`CLIENT_PROTOCOLS`): "vla", or "openpi" (256 px renders with multisampling,
+            resize-with-pad to 224, replanning every 5 steps, seed 7 once per task), applied over `cfg`.
 
     Returns:
         The contents of results.json (protocol, policy, versions, summary, per-task and per-episode records).
     """
-    cfg = dataclasses.replace(cfg).validate()
+    cfg = client_protocol(protocol).apply(cfg).validate()
     task_ids = _resolve_tasks(cfg)
     out = Path(out_dir)
     run_info = {
-        "protocol": protocol_settings(cfg, task_ids),
+        "protocol": protocol_settings(cfg, task_ids, protocol),
         "policy": R.policy_identity(policy),
         "settings": dataclasses.asdict(cfg),
         "versions": R.package_versions(),
@@ -433,8 +517,8 @@ def evaluate_libero(
 
     started = time.time()
     try:
-        run_jobs(jobs, LiberoWorker(cfg, policy, str(out)), num_workers=cfg.num_workers, on_record=on_record,
-                 on_lost=lost_record(cfg))
+        run_jobs(jobs, LiberoWorker(cfg, policy, str(out), protocol), num_workers=cfg.num_workers,
+                 on_record=on_record, on_lost=lost_record(cfg))
     finally:
         bar.close()
         log.close()
@@ -559,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", default=None,
                         help=f"suite(s), comma-separated (default from the checkpoint's config, else {d.suite}); "
                              "see --list-suites")
+    parser.add_argument("--remote", default=None, metavar="ws://HOST:PORT",
+                        help="evaluate the policy served there by any openpi-protocol server (vla-serve, openpi's "
+                             "serve_policy.py) instead of --policy; an API key is read from $VLA_SERVE_API_KEY")
+    parser.add_argument("--protocol", default="vla", choices=sorted(CLIENT_PROTOCOLS),
+                        help="client conventions: vla (default) or openpi (256 px renders with multisampling, "
+                             "resize-with-pad to 224, replan every 5, seed 7 once per task); recorded in results")
     parser.add_argument("--tasks", default="", help="task indices, e.g. 0,3,5 or 0-4 (default: all tasks)")
     parser.add_argument("--episodes", type=int, default=None,
                         help=f"episodes per task (official and default: {d.episodes_per_task})")
@@ -645,10 +735,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         for suite in available_suites():
             print(f"{suite}\t{suite_max_steps(suite)} steps")
         return {}
-    if not args.policy:
-        parser.error("--policy is required (a checkpoint directory or 'random')")
-    if args.policy != RANDOM_POLICY and not Path(args.policy).exists():
+    if args.remote and args.policy:
+        parser.error("give either --policy or --remote, not both")
+    if args.remote:
+        if not args.remote.startswith(("ws://", "wss://")):
+            parser.error(f"--remote expects a websocket URI like ws://127.0.0.1:8000, got {args.remote!r}")
+        if args.out is None:
+            parser.error("--out is required with --remote (there is no checkpoint directory to write into)")
+        if args.policy_set:
+            parser.error("--policy-set changes a local checkpoint; set inference options on the server instead")
+    elif not args.policy:
+        parser.error("--policy is required (a checkpoint directory or 'random'), or --remote ws://HOST:PORT")
+    elif args.policy != RANDOM_POLICY and not Path(args.policy).exists():
         parser.error(f"--policy {args.policy}: no such checkpoint directory")
+    forced = client_protocol(args.protocol)
+    for flag, value, want in (("--image-size", args.image_size, forced.image_size),
+                              ("--replan-steps", args.replan_steps, forced.replan_steps),
+                              ("--seed", args.seed, forced.seed)):
+        if value is not None and want is not None and value != want:
+            parser.error(f"--protocol {args.protocol} fixes {flag} {want}; drop {flag} {value}")
     base = checkpoint_eval_defaults(args.policy)
     suites = [s for s in (args.suite or base.suite).replace(" ", "").split(",") if s]
     try:
@@ -659,7 +764,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         parser.error(str(e))
     if args.out is None and args.policy == RANDOM_POLICY:
         parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
-    source = policy_with_settings(args.policy, args.policy_set, parser.error)
+    if args.remote:
+        from vla.serve.client import RemotePolicyError, RemoteSource
+
+        source: PolicySource = RemoteSource(args.remote)
+        try:
+            source.identity()  # the server answers (and accepts our key) before anything is written
+        except RemotePolicyError as e:
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
+    else:
+        source = policy_with_settings(args.policy, args.policy_set, parser.error)
 
     all_results = {}
     for suite in suites:
@@ -670,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         try:
             all_results[suite] = evaluate_libero(
                 source, dataclasses.replace(cfg, suite=suite), out, resume=args.resume,
-                overwrite=args.overwrite, progress=not args.no_progress,
+                overwrite=args.overwrite, progress=not args.no_progress, protocol=args.protocol,
             )
         except (FileExistsError, FileNotFoundError, ValueError) as e:
             parser.exit(2, f"{parser.prog}: error: {e}\n")

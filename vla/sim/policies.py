@@ -130,14 +130,42 @@ def checkpoint_with_settings(policy: str, items: Sequence[str]) -> CheckpointPol
 
 def policy_with_settings(policy: str, items: Sequence[str], error: Callable[[str], Any]) -> PolicySource:
     """What an evaluation script loads for `--policy` and its `--policy-set` items; `error` (the script's
-    `parser.error`) reports a bad setting and does not return."""
-    if not items:
-        return policy
+    `parser.error`) reports a bad setting or a checkpoint that does not load, and does not return.
+
+    The policy is loaded once here, in the parent and before any result file is written: a corrupt checkpoint or a
+    `--policy-set` that changes a weight shape is one line, not a "0/0" result that blocks the next run.
+    """
+    from vla.policy import CheckpointError
+
     try:
-        return checkpoint_with_settings(policy, items)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        error(str(e))
+        source = checkpoint_with_settings(policy, items) if items else policy
+        check_policy_loads(source)
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:  # ConfigError is a ValueError
+        error(one_line(str(e)))
         raise
+    return source
+
+
+def check_policy_loads(source: PolicySource) -> None:
+    """Load a checkpoint source (then drop it) and check it can act; raises what loading raises."""
+    if isinstance(source, str) and source == RANDOM_POLICY:
+        return
+    if not isinstance(source, (str, Path, CheckpointPolicy)):
+        return  # a policy object or a factory of the caller's: it is checked where it runs
+    loaded = load_policy(source)
+    if getattr(loaded, "normalizer", True) is None:
+        raise RuntimeError(f"{getattr(source, 'path', source)} has no normalization statistics: it cannot turn "
+                           "observations into model inputs (was it saved by training?)")
+    del loaded
+
+
+def one_line(message: str, max_items: int = 3) -> str:
+    """A multi-line error (a list of mismatched tensors) as one line: the first line and the first items."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    more = f" ... ({len(lines) - 1 - max_items} more)" if len(lines) - 1 > max_items else ""
+    return f"{lines[0]} {'; '.join(lines[1:1 + max_items])}{more}"
 
 
 def load_policy(source: PolicySource, *, action_dim: int = 7) -> Policy:

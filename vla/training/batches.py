@@ -37,24 +37,31 @@ class BatchStream:
         self._iter = None
         self._peeked: Any = None
 
-    def _start_epoch(self) -> None:
-        # Creating a DataLoader iterator draws a worker base seed from the global torch RNG; fork it so the model's
-        # random stream does not depend on where epochs (or a resume) begin.
+    def _start_epoch(self) -> Any:
+        """Begin the next epoch and return its first batch (StopIteration if it has none).
+
+        Creating a DataLoader iterator draws a worker base seed from the global torch RNG; fork it so the model's
+        random stream does not depend on where epochs (or a resume) begin. The first batch is taken inside the
+        fork too: a loader whose `__iter__` is a generator (`MixtureLoader`) creates the DataLoader iterator only
+        at its first `next()`, so `iter()` alone would leave that draw outside the fork.
+        """
         with torch.random.fork_rng(devices=[]):
             self._iter = iter(self.loader)
+            return next(self._iter)
 
     def _fetch(self) -> Any:
-        if self._iter is None:
-            self._start_epoch()
-        try:
-            return next(self._iter)
-        except StopIteration:
-            self._start_epoch()
+        if self._iter is not None:
             try:
                 return next(self._iter)
             except StopIteration:
-                raise ValueError("the data loader yields no batches: the dataset (or this rank's shard) is smaller "
-                                 "than one batch; lower data.batch_size or add data") from None
+                pass
+        for _ in range(2):  # the rest of a finished epoch may be empty (resumed at its end); the next may not
+            try:
+                return self._start_epoch()
+            except StopIteration:
+                continue
+        raise ValueError("the data loader yields no batches: the dataset (or this rank's shard) is smaller "
+                         "than one batch; lower data.batch_size or add data")
 
     def peek(self) -> Any:
         """The batch the next `next()` returns, without handing it out."""

@@ -36,6 +36,7 @@ from vla.training.layout import (
     TRAINER_STATE_NAME,
     TRAINING_STATE_DIR,
     checkpoint_name,
+    list_checkpoints,
     point_last_to,
     prune_checkpoints,
     rank_state_name,
@@ -217,7 +218,7 @@ def load_checkpoint(accelerator: Accelerator, ckpt: Path, cfg: VLAConfig, ema: E
     meta_path = state_dir / TRAINER_STATE_NAME
     if not meta_path.is_file():
         raise FileNotFoundError(f"{ckpt} is not a resumable checkpoint: {meta_path} is missing")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_json(meta_path)
     now = {"world_size": accelerator.num_processes, "batch_size": cfg.data.batch_size,
            "grad_accum": cfg.train.grad_accum}
     differs = [f"{k}: checkpoint {meta[k]}, now {v}" for k, v in now.items() if meta.get(k) != v]
@@ -231,11 +232,115 @@ def load_checkpoint(accelerator: Accelerator, ckpt: Path, cfg: VLAConfig, ema: E
     if saved_cfg.is_file():
         for change in config_changes(json.loads(saved_cfg.read_text()), cfg.to_dict(), ignore=RESUME_SETTINGS):
             logger.warning("resuming %s with a changed setting: %s", ckpt.name, change)
-    accelerator.load_state(str(state_dir))
-    if ema is not None:
-        ema.load(state_dir / EMA_NAME)
+    try:
+        accelerator.load_state(str(state_dir))
+        if ema is not None:
+            ema.load(state_dir / EMA_NAME)
+    except Exception as e:  # torch, safetensors and accelerate raise many types on truncated or corrupt files
+        raise _checkpoint_error(f"{state_dir} cannot be restored (corrupt or truncated?): {type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}") from e
     rank_path = state_dir / rank_state_name(accelerator.process_index)
-    rank_state = json.loads(rank_path.read_text())
+    rank_state = _read_json(rank_path)
     logger.info("resumed from %s at step %d", ckpt, meta["step"])
     return TrainerState(step=int(meta["step"]), world_size=meta["world_size"], batch_size=meta["batch_size"],
                         grad_accum=meta["grad_accum"], rank_state=rank_state)
+
+
+# ---- integrity -----------------------------------------------------------------------------------------------
+
+
+def _checkpoint_error(message: str) -> Exception:
+    """The policy's CheckpointError (imported on use: loading the trainer must not build the policy module)."""
+    from vla.policy import CheckpointError
+
+    return CheckpointError(message)
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _checkpoint_error(f"{path} cannot be read (corrupt or truncated?): {e}") from None
+
+
+def nonfinite_names(tensors: dict[str, torch.Tensor] | Any) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (a mapping, or an optimizer's state)."""
+    if isinstance(tensors, torch.optim.Optimizer) or hasattr(tensors, "optimizer"):
+        flat = {f"state[{i}].{k}": v for i, st in enumerate(tensors.state.values()) for k, v in st.items()}
+        return nonfinite_names(flat)
+    return [name for name, t in tensors.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def _training_weights(ckpt: Path) -> Path:
+    return ckpt / TRAINING_STATE_DIR / "model.safetensors"
+
+
+def check_resumable(ckpt: Path) -> None:
+    """Raise one CheckpointError naming the first file of `ckpt` that a resume could not use.
+
+    Reads the trainer and per-rank state, the raw weights (which must be finite), the optimizer state and the
+    normalization statistics: the files a resume restores. Sharded weights are left to `load_checkpoint`.
+    """
+    from safetensors.torch import load_file
+
+    state_dir = ckpt / TRAINING_STATE_DIR
+    meta = _read_json(state_dir / TRAINER_STATE_NAME)
+    for rank in range(int(meta.get("world_size", 1)) if isinstance(meta, dict) else 1):
+        _read_json(state_dir / rank_state_name(rank))
+    weights = _training_weights(ckpt)
+    if weights.is_file():
+        try:
+            tensors = load_file(str(weights))
+        except Exception as e:
+            raise _checkpoint_error(f"{weights} cannot be read (corrupt or truncated?): {e}") from None
+        bad = nonfinite_names(tensors)
+        if bad:
+            raise _checkpoint_error(f"{weights} holds non-finite weights ({_few(bad)}): saved after the run diverged")
+    optimizer = state_dir / "optimizer.bin"
+    if optimizer.is_file():
+        try:
+            state = torch.load(optimizer, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise _checkpoint_error(f"{optimizer} cannot be read (corrupt or truncated?): {type(e).__name__}") from None
+        bad = nonfinite_names({f"state[{i}].{k}": v for i, st in state.get("state", {}).items() for k, v in st.items()})
+        if bad:
+            raise _checkpoint_error(f"{optimizer} holds non-finite optimizer state ({_few(bad)})")
+    pretrained = ckpt / PRETRAINED_DIR
+    for name in ("normalization.json", "embodiments.json"):
+        if (pretrained / name).is_file():
+            _read_json(pretrained / name)
+
+
+def last_good_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose raw weights are finite (what "last good" may name after a divergence)."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            check_resumable(ckpt)
+        except RuntimeError:
+            continue
+        return ckpt
+    return None
+
+
+def pick_resumable(run_dir: Path) -> Path:
+    """The newest checkpoint of `run_dir` that `check_resumable` accepts; each newer one skipped gets a warning.
+
+    Raises CheckpointError listing every checkpoint's problem when none can be resumed.
+    """
+    problems = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            check_resumable(ckpt)
+        except RuntimeError as e:
+            problems.append(str(e))
+            logger.warning("cannot resume %s: %s; trying the previous checkpoint", ckpt.name, e)
+            continue
+        if problems:
+            logger.warning("resuming from %s, the newest complete checkpoint that can be restored", ckpt)
+        return ckpt
+    raise _checkpoint_error(f"no checkpoint of {run_dir} can be resumed: " + "; ".join(problems))

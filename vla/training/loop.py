@@ -32,10 +32,18 @@ from tqdm.auto import tqdm
 
 from vla.config import ConfigError, VLAConfig
 from vla.training.batches import BatchStream
-from vla.training.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from vla.training.checkpoint import (
+    last_good_checkpoint,
+    load_checkpoint,
+    nonfinite_names,
+    pick_resumable,
+    restore_rng,
+    save_checkpoint,
+)
+from vla.training.distributed import check_launch
 from vla.training.ema import EMA
 from vla.training.finetune import freeze_routers, init_from_checkpoint
-from vla.training.layout import CONFIG_NAME, PRETRAINED_DIR, latest_checkpoint, list_checkpoints, remove_partial
+from vla.training.layout import CONFIG_NAME, PRETRAINED_DIR, list_checkpoints, remove_partial
 from vla.training.metrics import LossMeter, TrainingDiverged, routing_scalars
 from vla.training.optim import make_optimizer, make_scheduler
 
@@ -76,6 +84,7 @@ def make_accelerator(cfg: VLAConfig, run_dir: Path) -> Accelerator:
         # Experts that no token of a batch was routed to get no gradient; DDP must not wait for them.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=moe)],
     )
+    check_launch(accelerator.distributed_type)  # an FSDP/DeepSpeed launch that Accelerate dropped (CPU) fails here
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         # The loader is not passed through accelerator.prepare (it shards by rank itself), so DeepSpeed cannot
@@ -87,13 +96,17 @@ def make_accelerator(cfg: VLAConfig, run_dir: Path) -> Accelerator:
 
 
 def resume_checkpoint(cfg: VLAConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (train.resume), None for a fresh run; refuses to overwrite a run."""
+    """The checkpoint to continue from (train.resume), None for a fresh run; refuses to overwrite a run.
+
+    A newest checkpoint that cannot be restored (corrupt state files, non-finite weights) is skipped with a
+    warning for the previous complete one; CheckpointError if none can be.
+    """
     ckpts = list_checkpoints(run_dir)
     if cfg.train.resume:
         if not ckpts:
             logger.info("train.resume is set but %s has no checkpoint yet: starting from step 0", run_dir)
             return None
-        return latest_checkpoint(run_dir)
+        return pick_resumable(run_dir)
     if ckpts:
         raise ConfigError(
             f"{run_dir} already holds checkpoints ({ckpts[-1].name} is the newest): pass --train.resume true to "
@@ -228,6 +241,7 @@ def fit(
                     values["train/ema_decay"] = ema.current_decay()
                 accelerator.log(values, step=step)
             if saving:
+                _refuse_nonfinite(accelerator, model, optimizer, step, run_dir)
                 save_checkpoint(accelerator, run_dir, step, cfg, policy, ema, stream.state_dict())
     finally:
         bar.close()
@@ -307,7 +321,7 @@ def _log_interval(
     if hasattr(model, "routing_stats"):
         routing = routing_scalars(model.routing_stats(reset=True), accelerator, _descriptor_names(model))
     if first_bad >= 0:
-        last = latest_checkpoint(run_dir)
+        last = last_good_checkpoint(run_dir)
         terms = ", ".join(f"{k}={v:.4g}" for k, v in means.items())
         message = (f"non-finite loss or gradient at step {first_bad} ({terms}); stopped at step {step} without "
                    f"saving. Last good checkpoint: {last if last else 'none (no checkpoint was written yet)'}. "
@@ -323,6 +337,29 @@ def _log_interval(
         values["perf/data_wait_fraction"] = data_seconds / elapsed
     values.update(routing)
     return values
+
+
+def _refuse_nonfinite(
+    accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, run_dir: Path
+) -> None:
+    """Stop before saving weights or optimizer state that hold NaN/inf (call on every rank: it reduces a flag).
+
+    A step's loss is checked before its update, so update N can explode the weights while loss N looked fine;
+    without this check step N would be saved and named the last good checkpoint.
+    """
+    tensors = dict(model.named_parameters())
+    tensors.update({f"buffer {n}": b for n, b in model.named_buffers()})
+    bad = nonfinite_names(tensors) + nonfinite_names(optimizer)
+    flag = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device), reduction="sum")
+    if flag.item() == 0:
+        return
+    last = last_good_checkpoint(run_dir)
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    message = (f"non-finite weights or optimizer state after step {step} ({shown or 'on another process'}); "
+               f"stopped without saving. Last good checkpoint: {last if last else 'none (none was written yet)'}. "
+               "Lower train.lr, set train.grad_clip, or raise train.warmup_steps.")
+    logger.error(message)
+    raise TrainingDiverged(message)
 
 
 def _descriptor_names(model: nn.Module) -> dict[str, str]:

@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Expert merging and compression after training (vla.tools.merge_experts): what K experts per layer cost and keep.
+
+For every trained MoE checkpoint present (the `tiny-cpu`, `himoe`, `mode` and `panda+ur5e` arms of
+bench/bench_learning.py in `checkpoints/bench-learning/<arm>/last`; arms not trained yet are skipped and named), and
+for K in {1, 2, E/2} (per routed kind, capped at its E): MC-SMoE merging (aligned, frequency-weighted), the same with
+low-rank + sparse compression, and naive uniform averaging of the same groups. Reported per variant against the
+unmerged model, all on the same calibration / held-out observations of the arm's own training mixture:
+
+- parameters of the whole policy and of the expert banks (memory in MiB at the stored dtype; with compression the
+  factored store `merge_report.json` describes: the loaded model keeps the dense reconstruction);
+- inference ms per chunk (batch 1, expert cache on, median of repeats, this process's threads);
+- held-out flow loss (fixed noise and times) with its standard error over batches, and the mean squared deviation
+  of the predicted chunk from the unmerged model's (same noise).
+LIBERO success after merging is not measured here (8+ minutes of simulation per variant): evaluate a merged
+checkpoint with `python eval/libero.py --policy <out>`.
+
+`--quick` trains its own small policy instead (the `debug` preset, layers as,hb,nm,d, for 300 steps on a generated
+two-embodiment dataset in `bench/_work/merge_quick/`, ~3 minutes here) and measures K in {1, 2} on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vla.constants import ACTION_MASK, OBS_STATE, STATE_MASK  # noqa: E402
+from vla.policy import VLAPolicy, resolve_checkpoint  # noqa: E402
+from vla.tools.calibration import collect_routing, mixture_batches, routed_layers  # noqa: E402
+from vla.tools.merge_experts import merge_policy  # noqa: E402
+
+ARMS = ("tiny-cpu", "himoe", "mode", "panda+ur5e")
+QUICK_STEPS = 300
+EMBODIMENTS = {"libero_panda": ({"agentview": "base", "wrist": "wrist"}, 8, 7),
+               "robosuite_ur5e_osc": ({"frontview": "base", "robot0_eye_in_hand": "wrist"}, 8, 4)}
+
+logger = logging.getLogger(__name__)
+
+
+# ---- the quick policy --------------------------------------------------------------------------------------------
+
+
+def write_dataset(root: Path, embodiment: str, episodes: int, length: int, seed: int) -> Path:
+    """A small learnable LeRobot image dataset: actions a fixed function of the state, image brightness following
+    the first state entry."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    cameras, state_dim, action_dim = EMBODIMENTS[embodiment]
+    features = {f"observation.images.{c}": {"dtype": "image", "shape": (32, 32, 3),
+                                            "names": ["height", "width", "channels"]} for c in cameras}
+    features["observation.state"] = {"dtype": "float32", "shape": (state_dim,), "names": None}
+    features["action"] = {"dtype": "float32", "shape": (action_dim,), "names": None}
+    ds = LeRobotDataset.create(root.name, fps=20, features=features, root=root, robot_type=embodiment,
+                               use_videos=False)
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(state_dim, action_dim)) / np.sqrt(state_dim)
+    for ep in range(episodes):
+        for _ in range(length):
+            state = rng.normal(size=state_dim).astype(np.float32)
+            level = int(128 + 100 * np.tanh(state[0]))
+            frame = {f"observation.images.{c}": np.full((32, 32, 3), level, np.uint8) for c in cameras}
+            frame.update({"observation.state": state, "action": np.tanh(state @ w).astype(np.float32),
+                          "task": ("pick up the bowl", "open the drawer")[ep % 2]})
+            ds.add_frame(frame)
+        ds.save_episode()
+    ds.finalize()
+    return root
+
+
+def quick_policy(work: Path) -> tuple[Path, str]:
+    """Train (once) the debug preset on a generated Panda + UR5e mixture; returns (checkpoint, mixture)."""
+    mixture = work / "mixture.yaml"
+    run = work / "debug"
+    if (run / "last").exists():
+        return resolve_checkpoint(run / "last"), str(mixture)
+    entries = []
+    for i, name in enumerate(EMBODIMENTS):
+        root = work / "data" / name
+        if not (root / "meta" / "info.json").exists():
+            write_dataset(root, name, episodes=8, length=40, seed=i)
+        cams = ", ".join(f"{k}: {v}" for k, v in EMBODIMENTS[name][0].items())
+        entries.append(f"  - dataset: {root}\n    embodiment: {name}\n    cameras: {{{cams}}}\n")
+    mixture.write_text("datasets:\n" + "".join(entries))
+    cmd = [sys.executable, "train.py", "--preset", "debug", "--data.mixture", str(mixture), "--data.image_size", "32",
+           "--train.steps", str(QUICK_STEPS), "--train.warmup_steps", "20", "--train.lr", "1e-3",
+           "--train.save_every", str(QUICK_STEPS), "--train.log_every", "50", "--data.batch_size", "8",
+           "--train.output_dir", str(work), "--train.run_name", "debug"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    logger.info("$ %s", " ".join(cmd))
+    log = work / "train.log"
+    with log.open("w") as f:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"training the quick policy failed (exit {code}); see {log}")
+    return resolve_checkpoint(run / "last"), str(mixture)
+
+
+# ---- measurements ------------------------------------------------------------------------------------------------
+
+
+def expert_params(policy: VLAPolicy) -> tuple[int, int]:
+    """(parameters, bytes) of every routed layer's expert bank."""
+    banks = [ffn.experts for ffn in routed_layers(policy).values()]
+    n = sum(b.w_in.numel() + b.w_out.numel() for b in banks)
+    return n, sum(b.w_in.numel() * b.w_in.element_size() + b.w_out.numel() * b.w_out.element_size() for b in banks)
+
+
+@torch.no_grad()
+def ms_per_chunk(policy: VLAPolicy, batch: dict, repeats: int) -> float:
+    """Median ms of one chunk (encode + sampling) for the first sample of `batch`, expert cache on."""
+    one = {k: v[:1] for k, v in batch.items()}
+    noise = torch.zeros(1, policy.config.action.chunk_size, policy.config.data.unified_action_dim)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        prefix = policy.encode(one)
+        policy.head.sample(prefix, one[OBS_STATE], one[STATE_MASK], one[ACTION_MASK], noise=noise)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times[1:])  # the first call builds the expert cache
+
+
+@torch.no_grad()
+def held_out(policy: VLAPolicy, batches: list[dict], reference: list[torch.Tensor] | None
+             ) -> tuple[float, float, list[torch.Tensor], float]:
+    """(mean flow loss, its standard error, predicted chunks, mean squared deviation from `reference`)."""
+    losses, chunks, devs = [], [], []
+    for i, batch in enumerate(batches):
+        gen = torch.Generator().manual_seed(i)
+        b, h, a = batch[OBS_STATE].shape[0], policy.config.action.chunk_size, policy.config.data.unified_action_dim
+        noise, t = torch.randn(b, h, a, generator=gen), torch.rand(b, generator=gen).clamp(0.001, 1.0)
+        losses.append(float(policy({**batch, "noise": noise, "time": t})["action_loss"]))
+        prefix = policy.encode(batch)
+        chunks.append(policy.head.sample(prefix, batch[OBS_STATE], batch[STATE_MASK], batch[ACTION_MASK],
+                                         noise=noise).actions)
+        if reference is not None:
+            devs.append(float((chunks[-1] - reference[i]).pow(2).mean()))
+    se = statistics.stdev(losses) / len(losses) ** 0.5 if len(losses) > 1 else 0.0
+    return statistics.fmean(losses), se, chunks, statistics.fmean(devs) if devs else 0.0
+
+
+def group_counts(policy: VLAPolicy, quick: bool) -> list[tuple[str, dict[str, int]]]:
+    """(label, kind -> K) for K in {1, 2, E/2}, each capped at the kind's E; duplicates dropped."""
+    experts = {ffn.kind: ffn.router.num_experts for ffn in routed_layers(policy).values()}
+    out, seen = [], set()
+    for label in ("1", "2") if quick else ("1", "2", "E/2"):
+        groups = {k: max(1, e // 2) if label == "E/2" else min(int(label), e) for k, e in experts.items()}
+        key = tuple(sorted(groups.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append((f"K={label}", groups))
+    return out
+
+
+def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool) -> list[dict]:
+    policy = VLAPolicy.from_pretrained(ckpt)
+    batch_size, n_calib, n_eval, repeats = (8, 64, 4, 5) if quick else (16, 256, 8, 10)
+    stream = mixture_batches(policy, data, batch_size)
+    calib = [next(stream) for _ in range(n_calib // batch_size)]
+    evaluation = [next(stream) for _ in range(n_eval)]
+    calibration = collect_routing(policy, calib, n_calib)
+    base_params = sum(p.numel() for p in policy.parameters())
+    base_experts, base_bytes = expert_params(policy)
+    base_ms = ms_per_chunk(policy, evaluation[0], repeats)
+    base_loss, base_se, reference, _ = held_out(policy, evaluation, None)
+    rank = 8 if quick else 64
+    rows = [{"benchmark": f"expert merging ({name})", "metric": "unmerged", "value": 1.0, "goal": "", "met": None,
+             "figures": {"params": base_params, "expert_params": base_experts, "expert_MiB": base_bytes / 2**20,
+                         "ms_per_chunk": base_ms, "heldout_loss": base_loss, "heldout_loss_se": base_se},
+             "notes": f"{ckpt}; calibration {n_calib} and held-out {n_eval * batch_size} observations of {data}"}]
+    for label, groups in group_counts(policy, quick):
+        for method, compress in (("mcsmoe", False), ("mcsmoe", True), ("uniform", False)):
+            merged, reports = merge_policy(policy, calibration, groups, method=method,
+                                           rank=rank if compress else None, sparse_fraction=0.05,
+                                           checkpoint_dir=ckpt)
+            experts, nbytes = expert_params(merged)
+            if compress:  # the factored store's size (the loaded model holds the dense reconstruction)
+                unmerged_kinds = experts - sum(r.expert_params[1] for r in reports)
+                experts = unmerged_kinds + sum(r.compressed_params for r in reports)
+                nbytes = experts * merged.head.transformer.blocks[0].attn.qkv.weight.element_size()
+            loss, se, _, dev = held_out(merged, evaluation, reference)
+            variant = f"{label} {method}" + (f" + rank {rank}" if compress else "")
+            rows.append({
+                "benchmark": f"expert merging ({name})", "metric": f"{variant}: expert memory vs unmerged",
+                "value": nbytes / base_bytes, "goal": "", "met": None,
+                "figures": {"groups": ",".join(f"{k}={v}" for k, v in groups.items()),
+                            "params": sum(p.numel() for p in merged.parameters()), "expert_params": experts,
+                            "expert_MiB": nbytes / 2**20, "ms_per_chunk": ms_per_chunk(merged, evaluation[0], repeats),
+                            "ms_per_chunk_unmerged": base_ms, "heldout_loss": loss, "heldout_loss_se": se,
+                            "heldout_loss_unmerged": base_loss, "chunk_msd_vs_unmerged": dev},
+                "notes": "compressed: factored store size; the checkpoint holds the dense reconstruction"
+                if compress else "",
+            })
+            logger.info("%s %s: %s", name, variant, json.dumps(rows[-1]["figures"]))
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    if quick:
+        work = HERE / "_work" / "merge_quick"
+        work.mkdir(parents=True, exist_ok=True)
+        ckpt, data = quick_policy(work)
+        return measure_checkpoint("debug, quick", ckpt, data, quick=True)
+    rows, missing = [], []
+    for arm in ARMS:
+        last = REPO / "checkpoints" / "bench-learning" / arm / "last"
+        if not last.exists():
+            missing.append(arm)
+            continue
+        ckpt = resolve_checkpoint(last)
+        data = VLAPolicy.from_pretrained(ckpt).config.data.mixture
+        rows += measure_checkpoint(arm, ckpt, data, quick=False)
+    if missing:
+        rows.append({"benchmark": "expert merging", "metric": "trained MoE checkpoints missing", "value": len(missing),
+                     "goal": "0", "met": not missing, "figures": {},
+                     "notes": f"not trained yet (run bench/bench_learning.py --arms ...): {', '.join(missing)}"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for row in run(args.quick):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
