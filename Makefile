@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libegl1 libgl1 >/dev/null; fi
 	@echo "creating $(VENV) (pinned CPU install, ~3 min on a fresh machine)"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[sim,dev]' 2>&1 | $(QUIET_PIP)
+	$(PIP_INSTALL) -e '.[sim,dev,serve-eval]' 2>&1 | $(QUIET_PIP)
 	@# lerobot 0.4.4 pins torch<2.11; its dataset code runs fine on the pinned torch, so install it alone.
 	$(PIP_INSTALL) --no-deps lerobot==0.4.4 2>&1 | $(QUIET_PIP)
 	@# openpi-client (drives vla.serve in the tests) pins numpy<2 but runs on numpy 2: install it alone too.

@@ -54,7 +54,7 @@ def libero_observation(image_size: int = 128) -> dict:
     """One raw LIBERO-shaped observation: two uint8 cameras, the 8-dim Panda state and an instruction."""
     rng = np.random.default_rng(0)
     return {
-        "observation.images.agentview": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+        "observation.images.base": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
         "observation.images.wrist": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
         "observation.state": rng.normal(size=8).astype(np.float32),
         "task": "pick up the alphabet soup and place it in the basket",

@@ -113,16 +113,23 @@ def test_fsdp_or_deepspeed_config_on_cpu_fails_with_one_clear_error(monkeypatch,
     check_launch("NO", env={})
     with pytest.raises(ConfigError, match="FSDP launcher config was used but the run is MULTI_CPU"):
         check_launch("DistributedType.MULTI_CPU", env={"ACCELERATE_USE_FSDP": "true"})
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for the ZeRO-2 config
-    try:
-        with pytest.raises(ConfigError, match="DeepSpeed launcher config"):
-            make_accelerator(debug_cfg(), tmp_path)
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="needs the deepspeed package"):
-        check_launch("MULTI_CPU", env={"ACCELERATE_USE_DEEPSPEED": "true"})
+
+    def accelerator_error(**env: str) -> str:
+        """The error the trainer's make_accelerator gives under the env `accelerate launch` sets for a config."""
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            try:
+                with pytest.raises(ConfigError) as err:
+                    make_accelerator(debug_cfg(), tmp_path)
+            finally:
+                AcceleratorState._reset_state(True)
+                GradientState._reset_state()
+        return str(err.value)
+
+    assert "FSDP launcher config was used but the run is NO" in accelerator_error(ACCELERATE_USE_FSDP="true")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # deepspeed not installed
+    assert "needs the deepspeed package" in accelerator_error(ACCELERATE_USE_DEEPSPEED="true")
 
 
 # ---- bf16 ----------------------------------------------------------------------------------------------------

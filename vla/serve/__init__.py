@@ -7,6 +7,7 @@
     backend.py      a checkpoint as the server's backend (spec, batched predict, metadata)
     client.py       `RemotePolicy`: any openpi-protocol server as a policy of our evaluation runners
     cli.py          `python -m vla.serve` / `vla-serve`
+    vla_eval_server.py  the same checkpoint as a vla-eval `ModelServer` (optional extra `serve-eval`)
 
 `python -m vla.serve --policy checkpoints/<run>/last` serves on ws://127.0.0.1:8000; docs/serving.md has the rest.
 """

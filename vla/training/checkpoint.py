@@ -270,7 +270,9 @@ def _read_json(path: Path) -> Any:
 def nonfinite_names(tensors: dict[str, torch.Tensor] | Any) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity (a mapping, or an optimizer's state)."""
     if isinstance(tensors, torch.optim.Optimizer) or hasattr(tensors, "optimizer"):
-        flat = {f"state[{i}].{k}": v for i, st in enumerate(tensors.state.values()) for k, v in st.items()}
+        states = getattr(tensors, "state", None) or {}  # a prepared optimizer proxies its wrapped one's state
+        flat = {f"state[{i}].{k}": v for i, st in enumerate(states.values()) if isinstance(st, dict)
+                for k, v in st.items()}
         return nonfinite_names(flat)
     return [name for name, t in tensors.items()
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]

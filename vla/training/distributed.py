@@ -114,7 +114,7 @@ def shard_policy(
     the compute dtype of the gathered weights; master weights, gradients reduction and the optimizer stay fp32.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise ShardingError("shard_policy needs torch.distributed initialised (launch with torchrun or "
@@ -129,11 +129,10 @@ def shard_policy(
     if dense:
         logger.info("FSDP2 shards contiguous parameters only: %d channels-last tensors made contiguous", dense)
     units = shard_units(model)
-    for name, module in reversed(units):  # innermost first, as fully_shard expects
+    for _, module in reversed(units):  # innermost first, as fully_shard expects
         fully_shard(module, **kwargs)
-        for method in FORWARD_METHODS.get(name.rsplit(".", 1)[-1], ()):
-            register_fsdp_forward_method(module, method)
     fully_shard(model, **kwargs)
+    register_forward_methods(model)
     logger.info("sharded %d units over %d processes (%s)", len(units), dist.get_world_size(),
                 ", ".join(unit_class_names(model)))
     return [n for n, _ in units]
@@ -146,6 +145,20 @@ def _make_contiguous(model: nn.Module) -> int:
         for p in model.parameters():
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
+                count += 1
+    return count
+
+
+def register_forward_methods(model: nn.Module) -> int:
+    """Make the methods of FORWARD_METHODS gather their unit's weights on every FSDP unit that has them (units
+    made by `shard_policy` or by Accelerate's FSDP2 plugin); returns how many were registered."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    count = 0
+    for name, module in model.named_modules():
+        for method in FORWARD_METHODS.get(name.rsplit(".", 1)[-1], ()):
+            if isinstance(module, FSDPModule) and hasattr(module, method):
+                register_fsdp_forward_method(module, method)
                 count += 1
     return count
 
@@ -263,25 +276,30 @@ def consolidate(checkpoint: str | os.PathLike, out: str | os.PathLike, policy_di
 # ---- launch checks ---------------------------------------------------------------------------------------------
 
 
-def check_launch(distributed_type: str, env: Mapping[str, str] | None = None) -> None:
+def check_launch(distributed_type: str | None = None, env: Mapping[str, str] | None = None) -> None:
     """Raise one clear error when the launcher asked for FSDP/DeepSpeed and the Accelerator is something else.
 
     `accelerate launch` with the fsdp/deepspeed configs sets ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED; on CPU
-    processes Accelerate ignores both, so without this check such a run trains unsharded without saying so.
+    processes Accelerate ignores both, so without this check such a run trains unsharded without saying so. Call
+    it once before building the Accelerator (`distributed_type` None: only the deepspeed package is checked, which
+    the Accelerator would otherwise report as an ImportError traceback) and once after.
     """
     from vla.config import ConfigError
 
     env = os.environ if env is None else env
     wanted_ds = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     wanted_fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    kind = str(distributed_type).split(".")[-1].upper()
-    if wanted_ds and kind != "DEEPSPEED":
+    if wanted_ds:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("the DeepSpeed launcher config needs the deepspeed package, which vla does not "
-                                "install: `pip install deepspeed` on a CUDA machine, or use "
-                                "vla/training/accelerate/ddp.yaml or fsdp.yaml")
+                              "install: `pip install deepspeed` on a CUDA machine, or use "
+                              "vla/training/accelerate/ddp.yaml or fsdp.yaml")
+    if distributed_type is None:
+        return
+    kind = str(distributed_type).split(".")[-1].upper()
+    if wanted_ds and kind != "DEEPSPEED":
         raise ConfigError(f"the DeepSpeed launcher config was used but the run is {kind}: {ACCELERATE_CPU_LIMIT}; "
                             "on CPU use vla/training/accelerate/cpu_2proc.yaml")
     if wanted_fsdp and kind != "FSDP":

@@ -40,7 +40,7 @@ from vla.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from vla.training.distributed import check_launch
+from vla.training.distributed import check_launch, register_forward_methods
 from vla.training.ema import EMA
 from vla.training.finetune import freeze_routers, init_from_checkpoint
 from vla.training.layout import CONFIG_NAME, PRETRAINED_DIR, list_checkpoints, remove_partial
@@ -72,6 +72,7 @@ def train(cfg: VLAConfig) -> Path:
 def make_accelerator(cfg: VLAConfig, run_dir: Path) -> Accelerator:
     """The Accelerator for a run; the process layout (DDP, FSDP, DeepSpeed, CPU) comes from `accelerate launch`."""
     moe = any(kind != "d" for kind in cfg.action.layer_kinds)
+    check_launch()  # a DeepSpeed launch without the deepspeed package: one error, not an ImportError traceback
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
@@ -176,6 +177,8 @@ def fit(
     scheduler = make_scheduler(optimizer, tcfg)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     model = accelerator.unwrap_model(policy)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        register_forward_methods(model)  # the head calls Attention.project_prefix outside Block.forward
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     stream = BatchStream(loader)
     set_seed(tcfg.seed, device_specific=True)  # from here on each process draws its own noise and dropout
