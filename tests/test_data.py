@@ -512,3 +512,22 @@ def test_shipped_mixture_files_are_well_formed(path: Path):
         assert emb.action_extent <= cfg.data.unified_action_dim
         mapped = (entry.cameras or emb.cameras).values()
         assert set(mapped) & set(cfg.data.cameras)
+
+
+def test_a_mixture_file_names_its_registry_file(tmp_path: Path):
+    """`embodiments_file:` in a mixture merges that registry (relative to the mixture), or is one named problem."""
+    (tmp_path / "robots").mkdir()
+    (tmp_path / "robots" / "arms.yaml").write_text(yaml.safe_dump({"embodiments": [
+        {"name": "my_arm", "action_dim": 6, "state_dim": 6, "action_type": "abs_joint", "fps": 15}]}))
+    mixture_file = tmp_path / "mix.yaml"
+    mixture_file.write_text(yaml.safe_dump({"embodiments_file": "robots/arms.yaml",
+                                            "datasets": [{"dataset": "somewhere", "embodiment": "my_arm"}]}))
+    cfg = get_preset("debug")
+    cfg.data.mixture = str(mixture_file)
+    mixture = load_mixture(cfg.data)
+    assert mixture.format_problems == [] and mixture.registry.get("my_arm").action_dim == 6
+
+    mixture_file.write_text(yaml.safe_dump({"embodiments_file": "robots/missing.yaml",
+                                            "datasets": [{"dataset": "somewhere", "embodiment": "my_arm"}]}))
+    problems = load_mixture(cfg.data).format_problems
+    assert len(problems) == 1 and "embodiments_file 'robots/missing.yaml' not found" in problems[0]

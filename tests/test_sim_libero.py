@@ -228,3 +228,53 @@ def test_cli_two_workers(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert sorted(r["episode"] for r in records) == [0, 1] and len({r["pid"] for r in records}) == 2
     assert all(r["error"] is None and r["steps"] == 5 for r in records)
+
+
+def test_validation_init_states_are_a_recorded_choice():
+    args = L.build_parser().parse_args(["--policy", "random", "--init-states", "validation"])
+    cfg = L.config_from_args(args, EvalConfig())
+    assert cfg.init_states == "validation"
+    assert L.config_from_args(L.build_parser().parse_args(["--policy", "random"]), EvalConfig()).init_states == \
+        "official"
+    with pytest.raises(ConfigError, match="eval.init_states"):
+        EvalConfig(init_states="test").validate()
+    seeds = {L.validation_reset_seed(7, t, e) for t in range(3) for e in range(50)}
+    assert len(seeds) == 150  # one reset seed per episode, reproducible
+    assert L.validation_reset_seed(7, 0, 0) == L.validation_reset_seed(7, 0, 0)
+    # disjoint from the demonstration generators' reset seeds (base seeds 0-9, 200 attempts per task)
+    from vla.data.recording import episode_seed as demo_seed
+
+    demo = {demo_seed(b, t, a) & 0x7FFFFFFF for b in range(10) for t in range(3) for a in range(200)}
+    assert not seeds & demo
+
+
+@pytest.mark.sim
+def test_validation_episodes_start_from_seeded_resets_not_the_official_states(tmp_path):
+    """A validation episode's scene comes from its reset seed: reproducible, and not an official init state."""
+    from vla.sim.libero_env import get_init_states, make_libero_env
+
+    L.import_triton_before_egl()  # as every LIBERO worker does before its first EGL context
+    env, _ = make_libero_env("libero_object", 0, render=False, hard_reset=False)
+    try:
+        def scene(**start):
+            L.run_episode(env, ProbePolicy(chunk=2), language="x", max_steps=1, **start)
+            return env.env.sim.get_state().flatten()[1:].copy()  # drop the time
+
+        official = scene(init_state=get_init_states("libero_object", 0)[0])
+        seed_a, seed_b = L.validation_reset_seed(7, 0, 0), L.validation_reset_seed(7, 0, 1)
+        a, a_again, b = scene(init_state=None, reset_seed=seed_a), scene(init_state=None, reset_seed=seed_a), \
+            scene(init_state=None, reset_seed=seed_b)
+    finally:
+        env.close()
+    assert np.allclose(a, a_again, atol=1e-6)
+    assert not np.allclose(a, b, atol=1e-3) and not np.allclose(a, official, atol=1e-3)
+
+    cfg = EvalConfig(suite="libero_object", tasks=(0,), episodes_per_task=1, max_steps=2, videos_per_task=0,
+                     init_states="validation", fast_reset=True)
+    results = L.evaluate_libero(ProbePolicy(chunk=2), cfg, tmp_path, progress=False)
+    record = results["tasks"][0]["records"][0]
+    assert record["init_state"] is None and record["reset_seed"] == seed_a and record["error"] is None
+    protocol = json.loads((tmp_path / "results.json").read_text())["protocol"]
+    assert protocol["init_states"].startswith("validation") and not protocol["official"]
+    assert any("validation" in d for d in protocol["deviations"])
+    assert "validation resets (not official)" in (tmp_path / "results.md").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -219,9 +220,11 @@ def test_resume_refuses_another_layout(tmp_path):
 def test_resume_warns_about_changed_settings(tmp_path, caplog):
     run(make_cfg(tmp_path, "r", stop_at=2))
     caplog.set_level("WARNING", logger="vla")
+    caplog.clear()  # only what the resumed run says (an earlier test may have left the root logger at INFO)
     run(make_cfg(tmp_path, "r", resume=True, lr=1e-3))
-    assert "changed setting: train.lr: 0.003 -> 0.001" in caplog.text
-    assert "train.resume" not in caplog.text and "train.stop_at" not in caplog.text
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "changed setting: train.lr: 0.003 -> 0.001" in warnings
+    assert "train.resume" not in warnings and "train.stop_at" not in warnings
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

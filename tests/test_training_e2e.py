@@ -157,8 +157,8 @@ def test_finetune_from_embodiment_a_to_b_with_another_action_size(data, tmp_path
     policy = VLAPolicy.from_pretrained(tuned / "last")
     assert set(policy.normalizer.embodiments) == {"robosuite_ur5e_osc"}
     obs = {
-        "observation.images.frontview": torch.rand(3, 32, 32),
-        "observation.images.robot0_eye_in_hand": torch.rand(3, 32, 32),
+        "observation.images.base": torch.rand(3, 32, 32),  # canonical names (the embodiment maps frontview -> base)
+        "observation.images.wrist": torch.rand(3, 32, 32),
         "observation.state": torch.randn(8),
         "task": "lift the cube",
         "embodiment": "robosuite_ur5e_osc",

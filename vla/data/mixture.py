@@ -2,6 +2,7 @@
 
 A mixture file (`datasets/mixtures/*.yaml` or .json) lists the datasets:
 
+    embodiments_file: ../embodiments.yaml   # optional: a registry file (next to this file, else the repo root)
     embodiments:                      # optional: new robots, same format as DataConfig.embodiments_file
       - {name: my_arm, action_dim: 6, state_dim: 6, action_type: abs_joint, fps: 15}
     datasets:
@@ -275,9 +276,12 @@ def load_mixture(data_cfg: DataConfig, registry: EmbodimentRegistry | None = Non
         raise MixtureError(str(path), [f"cannot parse the file ({type(e).__name__}: {e})"]) from None
     problems: list[str] = []
     if isinstance(raw, Mapping):
-        unknown = sorted(set(raw) - {"datasets", "embodiments"})
+        unknown = sorted(set(raw) - {"datasets", "embodiments", "embodiments_file"})
         if unknown:
-            problems.append(f"unknown top-level key(s) {unknown}; expected 'datasets' and optionally 'embodiments'")
+            problems.append(f"unknown top-level key(s) {unknown}; expected 'datasets' and optionally "
+                            "'embodiments_file' and 'embodiments'")
+        if raw.get("embodiments_file"):
+            problems += _merge_embodiments_file(registry, raw["embodiments_file"], path)
         if raw.get("embodiments"):
             try:
                 registry.merge_entries(raw["embodiments"], source=f"{path} embodiments")
@@ -295,6 +299,21 @@ def load_mixture(data_cfg: DataConfig, registry: EmbodimentRegistry | None = Non
         problems += [f"[{i}] {entry.dataset or '(no dataset)'}: {p}" for p in entry_problems]
         entries.append(entry)
     return Mixture(entries, data_cfg, registry, source=str(path), format_problems=problems)
+
+
+def _merge_embodiments_file(registry: EmbodimentRegistry, ref: Any, mixture_path: Path) -> list[str]:
+    """Merge the registry file a mixture names (so the mixture carries the robots it needs); its problems."""
+    if not isinstance(ref, str) or not ref:
+        return [f"'embodiments_file' must be a path, got {ref!r}"]
+    candidates = [mixture_path.parent / ref, REPO_ROOT / ref]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return [f"embodiments_file {ref!r} not found (looked in {mixture_path.parent} and {REPO_ROOT})"]
+    try:
+        registry.merge_file(found)
+    except EmbodimentError as e:
+        return [str(e)]
+    return []
 
 
 def _find_file(spec: str) -> Path | None:

@@ -909,22 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def remote_source(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """`--remote ws://...`: a served policy, checked to answer before anything is written."""
-    from vla.serve.client import RemotePolicyError, RemoteSource
+    from vla.sim.policies import check_remote_arguments, connect_remote
 
-    if args.policy:
-        parser.error("give either --policy or --remote, not both")
-    if not args.remote.startswith(("ws://", "wss://")):
-        parser.error(f"--remote expects a websocket URI like ws://127.0.0.1:8000, got {args.remote!r}")
-    if args.out is None:
-        parser.error("--out is required with --remote (there is no checkpoint directory to write into)")
-    if args.policy_set:
-        parser.error("--policy-set changes a local checkpoint; set inference options on the server instead")
-    source = RemoteSource(args.remote)
-    try:
-        source.identity()
-    except RemotePolicyError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    return source
+    check_remote_arguments(args, parser)
+    return connect_remote(args.remote, parser)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

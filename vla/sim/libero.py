@@ -50,6 +50,8 @@ from vla.sim.policies import (
     as_action,
     as_chunk,
     blame_policy,
+    check_remote_arguments,
+    connect_remote,
     episode_seed,
     inference_context,
     load_policy,
@@ -223,8 +225,9 @@ def run_episode(
     policy: Any,
     *,
     language: str,
-    init_state: np.ndarray,
+    init_state: np.ndarray | None,
     max_steps: int,
+    reset_seed: int | None = None,
     image_size: int = 128,
     replan_steps: int = 0,
     video_stride: int = 0,
@@ -232,6 +235,9 @@ def run_episode(
     pad_to: int = 0,
 ) -> Episode:
     """Roll out one LIBERO episode with the official protocol from a fixed initial state.
+
+    With `init_state=None` the episode starts from a fresh reset seeded with `reset_seed` instead (validation
+    episodes: LIBERO samples the object placement from numpy's global generator, which `env.seed` sets).
 
     `env` is an env made by `make_libero_env(..., render=False)`. With `video_stride > 0` the agent-view frames
     (upright, uint8 (S, S, 3)) are collected in `episode.frames`. Pass `episode` to keep the partial timings and
@@ -244,8 +250,14 @@ def run_episode(
     t0 = clock()
     with blame_policy():
         policy.reset()
-    env.reset()
-    raw = env.set_init_state(init_state)
+    if init_state is None:
+        if reset_seed is None:
+            raise ValueError("run_episode needs an init_state or a reset_seed")
+        env.seed(reset_seed)
+        raw = env.reset()
+    else:
+        env.reset()
+        raw = env.set_init_state(init_state)
     ep.time_reset += clock() - t0
 
     t0 = clock()
@@ -372,8 +384,10 @@ class LiberoEpisodeRunner:
                 seed_everything(record["seed"])  # after the (cached or not) env build: the same draws on any worker
             else:
                 record["seed"] = self.cfg.seed  # the stream carried since this worker built the task's env
+            validation = self.cfg.init_states == "validation"
             run_episode(
-                env, self.policy, language=task_instruction(self.cfg.suite, task_id), init_state=init_states[index],
+                env, self.policy, language=task_instruction(self.cfg.suite, task_id),
+                init_state=None if validation else init_states[index], reset_seed=record["reset_seed"],
                 max_steps=self.max_steps,
                 image_size=self.cfg.image_size, replan_steps=self.cfg.replan_steps,
                 video_stride=self.cfg.video_stride if job["video"] else 0, episode=ep,
@@ -409,11 +423,24 @@ class LiberoEpisodeRunner:
         self.env, self.env_task = None, None
 
 
+VALIDATION_STREAM = 0x7A11D
+"""Tags the seed stream of validation resets. The demonstration generators seed episode resets with
+SeedSequence([seed, task, attempt]) and the evaluation seeds its episodes with SeedSequence([seed, task, episode]);
+a four-word entropy with this tag is a different sequence from both, whatever the seeds."""
+
+
+def validation_reset_seed(seed: int, task_id: int, episode: int) -> int:
+    """The reset seed of validation episode `episode` of a task (reproducible, independent of the worker)."""
+    return episode_seed(seed, task_id, episode, VALIDATION_STREAM)
+
+
 def episode_record(job: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
     task_id, index = job["task_id"], job["episode"]
     return {
         "key": job["key"], "suite": cfg.suite, "task_id": task_id, "task": None, "episode": index,
-        "init_state": index, "seed": episode_seed(cfg.seed, task_id, index), "success": False, "steps": 0,
+        "init_state": index if cfg.init_states == "official" else None,
+        "reset_seed": validation_reset_seed(cfg.seed, task_id, index) if cfg.init_states == "validation" else None,
+        "seed": episode_seed(cfg.seed, task_id, index), "success": False, "steps": 0,
         "policy_queries": 0, "wall_time_s": 0.0, "time_s": {}, "error": None, "error_source": None, "video": None,
         "pid": os.getpid(),
     }
@@ -440,7 +467,10 @@ def protocol_settings(cfg: EvalConfig, task_ids: Sequence[int], protocol: str = 
     deviations = []
     if max_steps != suite_max_steps(cfg.suite):
         deviations.append(f"max_steps {max_steps} instead of {suite_max_steps(cfg.suite)}")
-    if cfg.episodes_per_task != n_init:
+    validation = cfg.init_states == "validation"
+    if validation:
+        deviations.append("validation episodes: fresh seeded resets instead of the official init states")
+    elif cfg.episodes_per_task != n_init:
         deviations.append(f"{cfg.episodes_per_task} of {n_init} init states per task")
     if len(task_ids) != num_tasks(cfg.suite):
         deviations.append(f"{len(task_ids)} of {num_tasks(cfg.suite)} tasks")
@@ -451,7 +481,9 @@ def protocol_settings(cfg: EvalConfig, task_ids: Sequence[int], protocol: str = 
         deviations.append(f"{client.name} seed stream carried per worker process ({cfg.num_workers} workers)")
     return {
         "benchmark": "LIBERO", "suite": cfg.suite, "base_suite": base_suite(cfg.suite), "tasks": list(task_ids),
-        "episodes_per_task": cfg.episodes_per_task, "init_states": "benchmark fixed init states, episode i -> state i",
+        "episodes_per_task": cfg.episodes_per_task,
+        "init_states": ("validation: fresh resets seeded by a stream of their own (record reset_seed)" if validation
+                        else "benchmark fixed init states, episode i -> state i"),
         "max_steps": max_steps, "settle_steps": SETTLE_STEPS, "settle_action": list(SETTLE_ACTION),
         "success": "env reports done (task goal predicates hold)", "seed": cfg.seed, "image_size": cfg.image_size,
         "reset": "soft" if cfg.fast_reset else "hard",
@@ -537,7 +569,7 @@ def _resolve_tasks(cfg: EvalConfig) -> list[int]:
         raise ValueError(f"task indices {bad} are out of range for {cfg.suite} ({n} tasks: 0..{n - 1})")
     for t in task_ids:
         n_init = len(get_init_states(cfg.suite, t))
-        if cfg.episodes_per_task > n_init:
+        if cfg.init_states == "official" and cfg.episodes_per_task > n_init:
             raise ValueError(
                 f"episodes_per_task={cfg.episodes_per_task} but {cfg.suite} task {t} has {n_init} fixed init states"
             )
@@ -613,7 +645,9 @@ def libero_markdown(results: dict[str, Any]) -> str:
                    f"{s['episodes']}/{results['expected_episodes']} episodes"),
         "",
         *R.provenance_lines(results),
-        (f"- {p['episodes_per_task']} episodes per task from the fixed init states, {p['max_steps']} policy steps "
+        (f"- {p['episodes_per_task']} episodes per task from the "
+         f"{'fixed init states' if p['init_states'].startswith('benchmark') else 'validation resets (not official)'}"
+         f", {p['max_steps']} policy steps "
          f"after {p['settle_steps']} settle steps, {p['reset']} resets, seed {p['seed']}, {p['image_size']} px cameras"),
         "- time share: " + ", ".join(f"{k} {v:.0%}" for k, v in s["time_share"].items())
         + f"; {s['mean_episode_wall_time_s']:.1f} s per episode; {s['actions_per_query']:.1f} actions executed per "
@@ -663,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="policy steps per episode (default 0 = the suite's official budget)")
     parser.add_argument("--videos", type=int, default=None, help=f"videos of the first k episodes per task (default {d.videos_per_task})")
     parser.add_argument("--no-failure-videos", action="store_true", help="do not save videos of failed episodes")
+    parser.add_argument("--init-states", default=None, choices=("official", "validation"),
+                        help="official (default): the benchmark's fixed init states, what results report; "
+                             "validation: fresh seeded resets disjoint from them, for tuning settings")
     parser.add_argument("--fast-reset", action="store_true",
                         help="soft env resets (~60x faster; not bit-identical to the official hard resets)")
     parser.add_argument("--video-stride", type=int, default=None, help=f"control steps per video frame (default {d.video_stride})")
@@ -722,6 +759,7 @@ def config_from_args(args: argparse.Namespace, base: EvalConfig) -> EvalConfig:
         videos_per_task=pick(args.videos, base.videos_per_task),
         failure_videos=base.failure_videos and not args.no_failure_videos,
         fast_reset=base.fast_reset or args.fast_reset,
+        init_states=pick(args.init_states, base.init_states),
         video_stride=pick(args.video_stride, base.video_stride),
     ).validate()
 
@@ -735,15 +773,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         for suite in available_suites():
             print(f"{suite}\t{suite_max_steps(suite)} steps")
         return {}
-    if args.remote and args.policy:
-        parser.error("give either --policy or --remote, not both")
     if args.remote:
-        if not args.remote.startswith(("ws://", "wss://")):
-            parser.error(f"--remote expects a websocket URI like ws://127.0.0.1:8000, got {args.remote!r}")
-        if args.out is None:
-            parser.error("--out is required with --remote (there is no checkpoint directory to write into)")
-        if args.policy_set:
-            parser.error("--policy-set changes a local checkpoint; set inference options on the server instead")
+        check_remote_arguments(args, parser)
     elif not args.policy:
         parser.error("--policy is required (a checkpoint directory or 'random'), or --remote ws://HOST:PORT")
     elif args.policy != RANDOM_POLICY and not Path(args.policy).exists():
@@ -765,13 +796,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     if args.out is None and args.policy == RANDOM_POLICY:
         parser.error("--out is required with --policy random (there is no checkpoint directory to write into)")
     if args.remote:
-        from vla.serve.client import RemotePolicyError, RemoteSource
-
-        source: PolicySource = RemoteSource(args.remote)
-        try:
-            source.identity()  # the server answers (and accepts our key) before anything is written
-        except RemotePolicyError as e:
-            parser.exit(2, f"{parser.prog}: error: {e}\n")
+        source = connect_remote(args.remote, parser)
     else:
         source = policy_with_settings(args.policy, args.policy_set, parser.error)
 

@@ -146,6 +146,30 @@ def policy_with_settings(policy: str, items: Sequence[str], error: Callable[[str
     return source
 
 
+def check_remote_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """The options `--remote ws://...` goes with (shared by eval/libero.py and eval/calvin.py): one parser error."""
+    if args.policy:
+        parser.error("give either --policy or --remote, not both")
+    if not args.remote.startswith(("ws://", "wss://")):
+        parser.error(f"--remote expects a websocket URI like ws://127.0.0.1:8000, got {args.remote!r}")
+    if args.out is None:
+        parser.error("--out is required with --remote (there is no checkpoint directory to write into)")
+    if args.policy_set:
+        parser.error("--policy-set changes a local checkpoint; set inference options on the server instead")
+
+
+def connect_remote(uri: str, parser: argparse.ArgumentParser) -> PolicySource:
+    """A served policy, checked to answer (and to accept our key) before anything is written."""
+    from vla.serve.client import RemotePolicyError, RemoteSource
+
+    source = RemoteSource(uri)
+    try:
+        source.identity()
+    except RemotePolicyError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return source
+
+
 def check_policy_loads(source: PolicySource) -> None:
     """Load a checkpoint source (then drop it) and check it can act; raises what loading raises."""
     if isinstance(source, str) and source == RANDOM_POLICY:
