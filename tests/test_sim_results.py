@@ -172,17 +172,29 @@ class ThreadsWorker:
         return run
 
 
-def test_pool_workers_split_the_cores_between_them():
+def test_threads_per_worker_splits_the_cores_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))  # a 6-core machine
+    assert [threads_per_worker(n) for n in (1, 2, 3, 4, 8)] == [6, 3, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads_per_worker(2) == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")  # not a number: ignored, the cores are split
+    assert threads_per_worker(2) == 3
+
+
+def test_pool_workers_take_their_share_of_threads(monkeypatch):
     import torch
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # left alone, torch would start one thread per core
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("needs 2+ cores to tell a shared core count from torch's default")
     parent_threads = torch.get_num_threads()
     records = []
     run_jobs([{"key": str(i), "i": i} for i in range(2)], ThreadsWorker(), num_workers=2,
              on_record=records.append, on_lost=_lost)
-    cores = len(os.sched_getaffinity(0))
-    expected = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else max(1, cores // 2)
-    assert threads_per_worker(2) == expected
-    assert [r["threads"] for r in records] == [expected, expected]
+    share = threads_per_worker(2)  # pinned by the test above
+    assert share < cores and [r["threads"] for r in records] == [share, share]
     assert torch.get_num_threads() == parent_threads  # the caller keeps its own threads
 
 
