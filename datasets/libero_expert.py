@@ -226,16 +226,6 @@ def rot_z(angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
-def rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """World-frame axis-angle (3,) of the rotation taking `current` to `target` (both 3x3)."""
-    delta = target @ current.T
-    angle = np.arccos(np.clip((np.trace(delta) - 1.0) / 2.0, -1.0, 1.0))
-    if angle < 1e-6:
-        return np.zeros(3)
-    axis = np.array([delta[2, 1] - delta[1, 2], delta[0, 2] - delta[2, 0], delta[1, 0] - delta[0, 1]])
-    return axis / (2.0 * np.sin(angle)) * angle
-
-
 def quat_to_mat(quat_xyzw: np.ndarray) -> np.ndarray:
     x, y, z, w = np.asarray(quat_xyzw, dtype=np.float64) / np.linalg.norm(quat_xyzw)
     return np.array(
@@ -462,7 +452,7 @@ class PickPlaceExpert:
             move *= self.style.speed / norm
         if self.phase not in ("close", "open"):  # hold still while the fingers move
             move = move + self.rng.normal(0.0, self.style.noise, 3)
-        rot = self.ROT_GAIN * rotation_error(self.orientation, quat_to_mat(raw_obs["robot0_eef_quat"])) / ROT_SCALE
+        rot = self.ROT_GAIN * L.rotation_error(self.orientation, quat_to_mat(raw_obs["robot0_eef_quat"])) / ROT_SCALE
         rot = np.clip(rot, -self.ROT_LIMIT, self.ROT_LIMIT)
         return np.clip(np.r_[move, rot, gripper], -1.0, 1.0).astype(np.float32)
 

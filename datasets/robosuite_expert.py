@@ -53,7 +53,7 @@ from vla.data.recording import (
     record_from_args,
     recording_parser,
 )
-from vla.sim.libero_env import disable_msaa, quat_to_axis_angle
+from vla.sim.libero_env import disable_msaa, quat_to_axis_angle, rotation_error
 
 POS_SCALE = 0.05
 """OSC_POSITION / OSC_POSE: an action of 1.0 moves the position set-point by 0.05 m."""
@@ -220,20 +220,6 @@ def quat_to_matrix(quat_xyzw: np.ndarray) -> np.ndarray:
         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
         [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
     ])
-
-
-def rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """World-frame axis-angle (3,) of the rotation that turns `current` into `target` (both 3x3)."""
-    r = target @ current.T
-    angle = np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))
-    if angle < 1e-8:
-        return np.zeros(3)
-    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
-    norm = np.linalg.norm(axis)
-    if norm < 1e-8:  # angle ~ pi: take the axis from the symmetric part
-        axis = np.sqrt(np.maximum((np.diag(r) + 1.0) / 2.0, 0.0))
-        norm = np.linalg.norm(axis)
-    return axis / norm * angle
 
 
 def pointing_down(rotation: np.ndarray) -> np.ndarray:

@@ -436,3 +436,20 @@ def test_robosuite_generator_writes_a_loadable_dataset(tmp_path):
     assert item["task"] == "lift the red cube"
     actions = np.stack([ds[i]["action"].numpy() for i in range(len(ds))])
     assert (actions[:, 3] == 1).any() and np.abs(actions).max() <= 1.0
+
+
+def test_rotation_error_recovers_the_axis_angle_between_two_orientations():
+    """The experts' orientation error: R = exp([w]x) applied to C gives back w, up to an angle near pi."""
+    from scipy.spatial.transform import Rotation
+
+    from vla.sim.libero_env import rotation_error
+
+    rng = np.random.default_rng(0)
+    current = Rotation.random(random_state=1).as_matrix()
+    for angle in (0.3, 1.5, 3.0, np.pi - 1e-9):
+        axis = rng.normal(size=3)
+        w = axis / np.linalg.norm(axis) * angle
+        target = Rotation.from_rotvec(w).as_matrix() @ current
+        got = rotation_error(target, current)
+        assert np.allclose(got, w, atol=1e-6) or (angle > 3.1 and np.allclose(np.abs(got), np.abs(w), atol=1e-4))
+    assert np.array_equal(rotation_error(current, current), np.zeros(3))

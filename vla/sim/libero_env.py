@@ -241,6 +241,22 @@ def render_cameras(env, cameras: Sequence[str] | None = None) -> dict[str, np.nd
 # ---- observation mapping ---------------------------------------------------------------------------------------
 
 
+def rotation_error(target: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """World-frame axis-angle (3,) of the rotation that turns `current` into `target` (both 3x3); the scripted
+    experts steer their end-effector orientation with it. Zero below 1e-6 rad; near pi the axis comes from the
+    symmetric part, where the antisymmetric one vanishes."""
+    r = target @ current.T
+    angle = np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))
+    if angle < 1e-6:
+        return np.zeros(3)
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    norm = np.linalg.norm(axis)
+    if norm < 1e-8:
+        axis = np.sqrt(np.maximum((np.diag(r) + 1.0) / 2.0, 0.0))
+        norm = np.linalg.norm(axis)
+    return axis / norm * angle
+
+
 def quat_to_axis_angle(quat_xyzw: np.ndarray) -> np.ndarray:
     """Quaternion (x, y, z, w) -> axis-angle vector (3,) = axis * 2 acos(w) (zero for the identity).
 
