@@ -12,8 +12,11 @@ unmerged model, all on the same calibration / held-out observations of the arm's
 - inference ms per chunk (batch 1, expert cache on, median of repeats, this process's threads);
 - held-out flow loss (fixed noise and times) with its standard error over batches, and the mean squared deviation
   of the predicted chunk from the unmerged model's (same noise).
-LIBERO success after merging is not measured here (8+ minutes of simulation per variant): evaluate a merged
-checkpoint with `python eval/libero.py --policy <out>`.
+- LIBERO success of the variants `VLA_MERGE_LIBERO` names (default: K=1 and K=E/2 with MC-SMoE, K=E/2 with
+  compression, K=1 uniform; ~7 minutes of simulation each), against the arm's own in-process evaluation with the
+  same protocol (read from its results.json): the merged checkpoint is saved to
+  `checkpoints/bench-learning/<arm>/merged/<variant>/` and evaluated there (resumable), with the standard error of
+  each rate and of its difference from the unmerged one. `VLA_MERGE_LIBERO=none` skips the simulator.
 
 `--quick` trains its own small policy instead (the `debug` preset, layers as,hb,nm,d, for 300 steps on a generated
 two-embodiment dataset in `bench/_work/merge_quick/`, ~3 minutes here) and measures K in {1, 2} on it.
@@ -44,6 +47,9 @@ from vla.tools.calibration import collect_routing, mixture_batches, routed_layer
 from vla.tools.merge_experts import merge_policy  # noqa: E402
 
 ARMS = ("tiny-cpu", "himoe", "mode", "panda+ur5e")
+LIBERO_ENV = "VLA_MERGE_LIBERO"
+LIBERO_VARIANTS = ("K=1 mcsmoe", "K=1 uniform", "K=E/2 mcsmoe", "K=E/2 mcsmoe + rank 64")
+"""Variants evaluated in LIBERO by default (`VLA_MERGE_LIBERO`, comma-separated; `none`: no simulation)."""
 QUICK_STEPS = 300
 EMBODIMENTS = {"libero_panda": ({"agentview": "base", "wrist": "wrist"}, 8, 7),
                "robosuite_ur5e_osc": ({"frontview": "base", "robot0_eye_in_hand": "wrist"}, 8, 4)}
@@ -112,6 +118,14 @@ def quick_policy(work: Path) -> tuple[Path, str]:
 # ---- measurements ------------------------------------------------------------------------------------------------
 
 
+def display(path: Path | str) -> str:
+    """A path as the notes show it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def expert_params(policy: VLAPolicy) -> tuple[int, int]:
     """(parameters, bytes) of every routed layer's expert bank."""
     banks = [ffn.experts for ffn in routed_layers(policy).values()]
@@ -165,7 +179,38 @@ def group_counts(policy: VLAPolicy, quick: bool) -> list[tuple[str, dict[str, in
     return out
 
 
-def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool) -> list[dict]:
+def libero_variants() -> set[str]:
+    text = os.environ.get(LIBERO_ENV, ",".join(LIBERO_VARIANTS))
+    return set() if text.strip().lower() == "none" else {v.strip() for v in text.split(",") if v.strip()}
+
+
+def success_se(successes: int, episodes: int) -> float:
+    p = successes / episodes
+    return (p * (1 - p) / episodes) ** 0.5
+
+
+def libero_success(policy: VLAPolicy, out: Path, protocol: dict) -> dict:
+    """Save `policy` to `out` (once) and evaluate it with `protocol` (an arm's in-process one) into `out/eval`."""
+    if not (out / "config.json").is_file():
+        policy.save_pretrained(out)
+    eval_dir = out / "eval"
+    results = eval_dir / "results.json"
+    if not (results.is_file() and json.loads(results.read_text()).get("complete")):
+        cmd = [sys.executable, "eval/libero.py", "--policy", str(out), "--suite", protocol["suite"], "--tasks",
+               ",".join(map(str, protocol["tasks"])), "--episodes", str(protocol["episodes_per_task"]),
+               "--image-size", str(protocol["image_size"]), "--replan-steps", str(protocol["replan_steps"]),
+               "--seed", str(protocol["seed"]), "--workers", "2", "--videos", "0", "--no-progress",
+               "--out", str(eval_dir), *(["--resume"] if (eval_dir / "run.json").exists() else [])]
+        logger.info("$ %s", " ".join(cmd))
+        with (out / "eval.log").open("a") as f:
+            code = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=f,
+                                  stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise RuntimeError(f"LIBERO evaluation of {out} failed (exit {code}); see {out / 'eval.log'}")
+    return json.loads(results.read_text())["summary"]
+
+
+def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool, arm_dir: Path | None = None) -> list[dict]:
     policy = VLAPolicy.from_pretrained(ckpt)
     batch_size, n_calib, n_eval, repeats = (8, 64, 4, 5) if quick else (16, 256, 8, 10)
     stream = mixture_batches(policy, data, batch_size)
@@ -177,10 +222,16 @@ def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool) -> list[di
     base_ms = ms_per_chunk(policy, evaluation[0], repeats)
     base_loss, base_se, reference, _ = held_out(policy, evaluation, None)
     rank = 8 if quick else 64
+    local = None  # the arm's in-process LIBERO evaluation, the reference of the merged variants' success
+    libero = set() if quick or arm_dir is None else libero_variants()
+    if libero and (arm_dir / "eval" / "results.json").is_file():
+        local = json.loads((arm_dir / "eval" / "results.json").read_text())
+        local = local if local.get("complete") else None
     rows = [{"benchmark": f"expert merging ({name})", "metric": "unmerged", "value": 1.0, "goal": "", "met": None,
              "figures": {"params": base_params, "expert_params": base_experts, "expert_MiB": base_bytes / 2**20,
                          "ms_per_chunk": base_ms, "heldout_loss": base_loss, "heldout_loss_se": base_se},
-             "notes": f"{ckpt}; calibration {n_calib} and held-out {n_eval * batch_size} observations of {data}"}]
+             "notes": f"{display(ckpt)}; calibration {n_calib} and held-out {n_eval * batch_size} observations of "
+                      f"{display(data)}"}]
     for label, groups in group_counts(policy, quick):
         for method, compress in (("mcsmoe", False), ("mcsmoe", True), ("uniform", False)):
             merged, reports = merge_policy(policy, calibration, groups, method=method,
@@ -205,7 +256,25 @@ def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool) -> list[di
                 if compress else "",
             })
             logger.info("%s %s: %s", name, variant, json.dumps(rows[-1]["figures"]))
+            if local is not None and variant in libero:
+                slug = variant.replace("K=E/2", "Khalf").replace("=", "").replace(" + ", "-").replace(" ", "-")
+                rows.append(libero_row(name, variant, libero_success(merged, arm_dir / "merged" / slug,
+                                                                     local["protocol"]), local["summary"]))
     return rows
+
+
+def libero_row(name: str, variant: str, merged: dict, unmerged: dict) -> dict:
+    se_m = success_se(merged["successes"], merged["episodes"])
+    se_u = success_se(unmerged["successes"], unmerged["episodes"])
+    diff = merged["success_rate"] - unmerged["success_rate"]
+    return {"benchmark": f"expert merging ({name})", "metric": f"{variant}: LIBERO success",
+            "value": round(merged["success_rate"], 3), "goal": "", "met": None,
+            "figures": {"successes": merged["successes"], "episodes": merged["episodes"], "se": round(se_m, 3),
+                        "unmerged_success": round(unmerged["success_rate"], 3), "difference": round(diff, 3),
+                        "se_difference": round((se_m ** 2 + se_u ** 2) ** 0.5, 3),
+                        "actions_per_query": round(merged.get("actions_per_query", 0.0), 2)},
+            "notes": "the merged checkpoint evaluated with the protocol of the arm's in-process evaluation "
+                     "(its results.json)"}
 
 
 def run(quick: bool) -> list[dict]:
@@ -224,7 +293,7 @@ def run(quick: bool) -> list[dict]:
             continue
         ckpt = resolve_checkpoint(last)
         data = VLAPolicy.from_pretrained(ckpt).config.data.mixture
-        rows += measure_checkpoint(arm, ckpt, data, quick=False)
+        rows += measure_checkpoint(arm, ckpt, data, quick=False, arm_dir=last.parent)
     if missing:
         rows.append({"benchmark": "expert merging", "metric": "trained MoE checkpoints missing", "value": len(missing),
                      "goal": "0", "met": not missing, "figures": {},

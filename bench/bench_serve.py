@@ -12,6 +12,13 @@ the same frames `openpi-client` sends: two 224 px uint8 cameras, the 8-dim state
 
 Every loop is bounded (a fixed number of requests, a timeout per request); the server binds to loopback only.
 
+And the same trained policy scored both ways: when the `tiny-cpu` arm of bench/bench_learning.py has been trained
+and evaluated (`checkpoints/bench-learning/tiny-cpu/`), its checkpoint is served and `eval/libero.py --remote`
+runs the arm's evaluation again through the server (same suite, task, episodes, render size and replanning, read
+from the in-process results.json) into `eval-served/` (resumable). The row gives both success rates and their
+difference with its standard error; the goal is agreement within two standard errors. Without that arm the row is
+left as it was (`partial()`).
+
     .venv/bin/python bench/run.py --only serve [--quick]
 """
 
@@ -73,9 +80,9 @@ def _vla_obs(seed: int) -> dict:
 
 
 class _Server:
-    def __init__(self, checkpoint: Path, max_batch: int) -> None:
+    def __init__(self, checkpoint: Path, max_batch: int, threads: int = THREADS) -> None:
         self.port = _free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vla.serve", "--policy", str(checkpoint), "--port", str(self.port),
              "--max-batch", str(max_batch)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -132,7 +139,73 @@ def _concurrent(uri: str, clients: int, n: int) -> tuple[float, float]:
     return clients * n / busy, statistics.median(done)
 
 
+LEARNED_ARM = ROOT / "checkpoints" / "bench-learning" / "tiny-cpu"
+_served_measured = True
+
+
+def partial() -> bool:
+    """True when the served-LIBERO row was not measured (no trained arm): bench/run.py keeps the old one."""
+    return not _served_measured
+
+
+def _success_se(successes: int, episodes: int) -> float:
+    p = successes / episodes
+    return (p * (1 - p) / episodes) ** 0.5
+
+
+def served_libero(arm_dir: Path = LEARNED_ARM) -> dict | None:
+    """Evaluate the trained arm's checkpoint through `vla.serve` with the protocol of its in-process evaluation;
+    None when the arm has not been trained and evaluated."""
+    import json
+
+    in_process = arm_dir / "eval" / "results.json"
+    if not (arm_dir / "last").exists() or not in_process.is_file():
+        return None
+    local = json.loads(in_process.read_text())
+    if not local.get("complete"):
+        return None
+    proto, summary = local["protocol"], local["summary"]
+    out = arm_dir / "eval-served"
+    server = _Server(arm_dir / "last", max_batch=8, threads=2)
+    try:
+        cmd = [sys.executable, "eval/libero.py", "--remote", f"ws://127.0.0.1:{server.port}", "--suite",
+               proto["suite"], "--tasks", ",".join(map(str, proto["tasks"])), "--episodes",
+               str(proto["episodes_per_task"]), "--image-size", str(proto["image_size"]), "--replan-steps",
+               str(proto["replan_steps"]), "--seed", str(proto["seed"]), "--workers", "2", "--videos", "0",
+               "--no-progress", "--out", str(out)]
+        done = out / "results.json"
+        if done.is_file() and json.loads(done.read_text()).get("complete"):
+            pass  # measured before: the rows are read again
+        else:
+            log = arm_dir / "bench-served.log"
+            with log.open("a") as f:
+                code = subprocess.run(cmd + (["--resume"] if (out / "run.json").exists() else []), cwd=ROOT,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=f,
+                                      stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                raise RuntimeError(f"served LIBERO evaluation failed (exit {code}); see {log}")
+    finally:
+        server.stop()
+    served = json.loads((out / "results.json").read_text())["summary"]
+    p_local, p_served = summary["success_rate"], served["success_rate"]
+    se = (_success_se(summary["successes"], summary["episodes"]) ** 2
+          + _success_se(served["successes"], served["episodes"]) ** 2) ** 0.5
+    diff = p_served - p_local
+    return {"benchmark": "serve: LIBERO success of one checkpoint", "metric": "through the server (vs in-process)",
+            "value": round(p_served, 3), "goal": "within 2 SE of in-process", "met": abs(diff) <= 2 * se,
+            "figures": {"in_process_success": round(p_local, 3), "served_success": round(p_served, 3),
+                        "difference": round(diff, 3), "se_difference": round(se, 3),
+                        "in_process_successes": summary["successes"], "served_successes": served["successes"],
+                        "episodes": served["episodes"],
+                        "served_actions_per_query": round(served.get("actions_per_query", 0.0), 2)},
+            "notes": f"bench-learning tiny-cpu arm: its in-process eval vs `eval/libero.py --remote` against "
+                     f"`python -m vla.serve` (max batch 8, 2 env workers), {proto['suite']} task(s) {proto['tasks']}, "
+                     f"{proto['image_size']} px, replan {proto['replan_steps']}, seed {proto['seed']}; the policy's "
+                     "sampling noise differs between the two runs, so only agreement within noise is expected"}
+
+
 def run(quick: bool = False) -> list[dict]:
+    global _served_measured
     torch.set_num_threads(THREADS)
     n_single, n_each = (5, 3) if quick else (30, 10)
     with tempfile.TemporaryDirectory(prefix="bench_serve-") as tmp:
@@ -168,7 +241,7 @@ def run(quick: bool = False) -> list[dict]:
     notes = (f"tiny-cpu untrained, 2 x {IMAGE} px uint8 cameras over openpi's protocol on 127.0.0.1, server and "
              f"clients on the same {os.cpu_count()}-core machine, {THREADS} torch thread(s) each; "
              f"{n_single} single requests, {CLIENTS} clients x {n_each} requests")
-    return [
+    rows = [
         {"benchmark": "serve: one client", "metric": "round-trip overhead over in-process, ms", "value":
             round(overhead, 1), "goal": "", "met": None, "figures": dict(figures), "notes": notes},
         {"benchmark": "serve: 4 concurrent clients", "metric": "requests/s with batching", "value":
@@ -177,6 +250,9 @@ def run(quick: bool = False) -> list[dict]:
         {"benchmark": "serve: batching gain", "metric": "requests/s batch 8 / batch 1, 4 clients", "value":
             round(gain, 2), "goal": "> 1", "met": gain > 1, "figures": dict(figures), "notes": notes},
     ]
+    served = None if quick else served_libero()
+    _served_measured = served is not None
+    return rows + ([served] if served else [])
 
 
 if __name__ == "__main__":

@@ -231,3 +231,21 @@ def test_the_lerobot_comparison_row_is_an_arm_the_bench_trains(monkeypatch):
     quick = module.arm_train_args(module.make_plan(quick=True), arm)
     assert quick.count("--train.steps") == 1 and quick[quick.index("--train.steps") + 1] == "16"
     assert "--train.steps" not in module.arm_train_args(module.make_plan(quick=False), module.ARMS["tiny-cpu"])
+
+
+def test_inference_settings_are_tuned_on_validation_episodes(monkeypatch, tmp_path):
+    """The tiny-cpu arm's flow-step candidates run on validation episodes, after its official evaluation."""
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(module, "stage", lambda cmd, log: calls.append(cmd))
+    plan = module.make_plan(quick=True)
+    plan.work = tmp_path
+    module.train_and_evaluate(plan, module.ARMS["tiny-cpu"])
+    evals = [c for c in calls if "eval/libero.py" in c]
+    assert "--init-states" not in evals[0]  # the headline: official init states
+    tuned = evals[1:]
+    assert len(tuned) == len(module.FLOW_STEPS) > 1
+    for cmd, steps in zip(tuned, module.FLOW_STEPS, strict=True):
+        assert cmd[cmd.index("--init-states") + 1] == "validation"
+        assert f"objective.num_inference_steps={steps}" in cmd
+        assert cmd[cmd.index("--out") + 1].endswith(f"val-steps{steps}")

@@ -87,5 +87,11 @@ def eval_calvin_main(argv: Sequence[str] | None = None) -> None:
     main(argv)
 
 
+def eval_robosuite_main(argv: Sequence[str] | None = None) -> None:
+    from vla.sim.robosuite import main
+
+    main(argv)
+
+
 if __name__ == "__main__":  # pragma: no cover
     train_main(sys.argv[1:])

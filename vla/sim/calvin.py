@@ -898,10 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--videos", type=int, default=d.videos_per_task, help="videos of the first k chains")
     parser.add_argument("--video-stride", type=int, default=d.video_stride, help="control steps per video frame")
     add_policy_set_argument(parser)
-    parser.add_argument("--out", default=None, help="run directory (default: <checkpoint>/eval/calvin)")
-    parser.add_argument("--resume", action="store_true", help="complete an interrupted run in --out")
-    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    R.add_run_arguments(parser, "run directory (default: <checkpoint>/eval/calvin)")
     parser.add_argument("--write-env-config", metavar="DIR", default=None,
                         help="only write DIR/.hydra/merged_config.yaml (for calvin_env's own tools) and exit")
     return parser

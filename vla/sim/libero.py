@@ -539,7 +539,7 @@ def evaluate_libero(
     logger.info("LIBERO %s: %d tasks x %d episodes, %d to run (%d already done), %d worker(s) -> %s",
                 cfg.suite, len(task_ids), cfg.episodes_per_task, len(jobs), total - len(jobs), cfg.num_workers, out)
     records = log.read()
-    bar = _progress(total, len(done), records, disable=not progress, desc=cfg.suite)
+    bar = R.progress_bar(total, records, desc=cfg.suite, disable=not progress)
 
     def on_record(record: dict[str, Any]) -> None:
         log.append(record)
@@ -574,15 +574,6 @@ def _resolve_tasks(cfg: EvalConfig) -> list[int]:
                 f"episodes_per_task={cfg.episodes_per_task} but {cfg.suite} task {t} has {n_init} fixed init states"
             )
     return task_ids
-
-
-def _progress(total: int, initial: int, records: list[dict[str, Any]], *, disable: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=initial, unit="ep", desc=desc, disable=disable, dynamic_ncols=True)
-    if records:
-        bar.set_postfix_str(f"success {R.rate(sum(r['success'] for r in records), len(records)):.1%}")
-    return bar
 
 
 def summarize(records: Sequence[dict[str, Any]], task_ids: Sequence[int], suite: str) -> dict[str, Any]:
@@ -703,11 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fast-reset", action="store_true",
                         help="soft env resets (~60x faster; not bit-identical to the official hard resets)")
     parser.add_argument("--video-stride", type=int, default=None, help=f"control steps per video frame (default {d.video_stride})")
-    parser.add_argument("--out", default=None, help="run directory (default: <checkpoint>/eval/<suite>); with several "
-                                                    "suites, one sub-directory per suite")
-    parser.add_argument("--resume", action="store_true", help="complete an interrupted run in --out")
-    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    R.add_run_arguments(parser, "run directory (default: <checkpoint>/eval/<suite>); with several suites, one "
+                                "sub-directory per suite")
     parser.add_argument("--list-suites", action="store_true", help="print the available suites and exit")
     return parser
 

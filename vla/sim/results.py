@@ -332,3 +332,22 @@ def save_rollout_video(out_dir: Path, name: str, frames: Sequence[np.ndarray], *
 
 def rate(successes: int, total: int) -> float:
     return successes / total if total else 0.0
+
+
+def add_run_arguments(parser: Any, out_help: str) -> None:
+    """The options every evaluation script shares for where its run lives: --out, --resume, --overwrite,
+    --no-progress (`out_help` names the default run directory)."""
+    parser.add_argument("--out", default=None, help=out_help)
+    parser.add_argument("--resume", action="store_true", help="complete an interrupted run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def progress_bar(total: int, records: Sequence[Mapping[str, Any]], *, desc: str, disable: bool):
+    """A tqdm bar over a run's episodes, starting at the records already finished and showing their success."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=len(records), unit="ep", desc=desc, disable=disable, dynamic_ncols=True)
+    if records:
+        bar.set_postfix_str(f"success {rate(sum(r['success'] for r in records), len(records)):.1%}")
+    return bar
