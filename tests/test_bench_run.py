@@ -249,3 +249,73 @@ def test_inference_settings_are_tuned_on_validation_episodes(monkeypatch, tmp_pa
         assert cmd[cmd.index("--init-states") + 1] == "validation"
         assert f"objective.num_inference_steps={steps}" in cmd
         assert cmd[cmd.index("--out") + 1].endswith(f"val-steps{steps}")
+
+
+def fake_eval(out: Path, successes: int, episodes: int, **protocol) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({
+        "complete": True, "summary": {"successes": successes, "episodes": episodes,
+                                      "success_rate": successes / episodes, "actions_per_query": 5.0},
+        "protocol": {"suite": "libero_object", "tasks": [0], "episodes_per_task": episodes, "image_size": 128,
+                     "replan_steps": 5, "seed": 7, **protocol}}))
+
+
+def test_served_libero_repeats_the_in_process_protocol_through_the_server(monkeypatch, tmp_path):
+    module = load_bench(BENCH_RUN.parent / "bench_serve.py", monkeypatch)
+    assert module.served_libero(tmp_path) is None  # no trained arm: nothing measured
+    (tmp_path / "last").mkdir()
+    fake_eval(tmp_path / "eval", 40, 50, image_size=96)
+
+    class Server:
+        def __init__(self, checkpoint, max_batch, threads):
+            self.port, self.stopped = 1234, False
+            assert checkpoint == tmp_path / "last"
+
+        def stop(self):
+            self.stopped = True
+
+    commands = []
+
+    def run(cmd, **kwargs):
+        commands.append(cmd)
+        fake_eval(tmp_path / "eval-served", 36, 50)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(module, "_Server", Server)
+    monkeypatch.setattr(module.subprocess, "run", run)
+    row = module.served_libero(tmp_path)
+    (cmd,) = commands
+    assert cmd[cmd.index("--remote") + 1] == "ws://127.0.0.1:1234"
+    assert cmd[cmd.index("--image-size") + 1] == "96" and cmd[cmd.index("--replan-steps") + 1] == "5"
+    assert row["figures"]["difference"] == pytest.approx(-0.08) and row["met"] is True
+    module.served_libero(tmp_path)
+    assert len(commands) == 1  # a finished served evaluation is read again, not re-run
+
+
+def test_merged_variants_are_scored_with_the_arms_own_protocol(monkeypatch, tmp_path):
+    module = load_bench(BENCH_RUN.parent / "bench_merge.py", monkeypatch)
+    assert "K=1 uniform" in module.libero_variants()
+    monkeypatch.setenv(module.LIBERO_ENV, "none")
+    assert module.libero_variants() == set()
+
+    class Policy:
+        def save_pretrained(self, out):
+            out.mkdir(parents=True)
+            (out / "config.json").write_text("{}")
+
+    commands = []
+
+    def run(cmd, **kwargs):
+        commands.append(cmd)
+        fake_eval(tmp_path / "merged" / "eval", 30, 50)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(module.subprocess, "run", run)
+    fake_eval(tmp_path / "eval", 42, 50, image_size=96)
+    local = json.loads((tmp_path / "eval" / "results.json").read_text())
+    summary = module.libero_success(Policy(), tmp_path / "merged", local["protocol"])
+    (cmd,) = commands
+    assert cmd[cmd.index("--policy") + 1] == str(tmp_path / "merged")
+    assert cmd[cmd.index("--image-size") + 1] == "96"
+    row = module.libero_row("tiny-cpu", "K=1 mcsmoe", summary, local["summary"])
+    assert row["value"] == 0.6 and row["figures"]["difference"] == pytest.approx(-0.24)

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 # entry points whose flags are checked; anything else in a code block (make, pip, git, curl, vla-eval) is not ours
 SCRIPTS = ("train.py", "eval/libero.py", "eval/calvin.py", "eval/robosuite.py", "bench/run.py",
-           "bench/bench_learning.py", "bench/bench_scale.py", "bench/bench_serve.py", "bench/gpu_check.py")
+           "bench/bench_learning.py", "bench/bench_hetero.py", "bench/bench_scale.py", "bench/bench_serve.py",
+           "bench/gpu_check.py")
 MODULES = ("vla.serve", "vla.serve.vla_eval_server", "vla.tools.merge_experts", "vla.tools.routing_report")
 
 

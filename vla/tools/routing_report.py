@@ -4,8 +4,8 @@
         --out reports/<run>-routing [--samples 256] [--depth 3]
 
 For every routed layer, on `--samples` observations of `--data` run through the inference path:
-- `layer<i>_<kind>_usage.png`: heatmaps of expert usage (row-normalised) per embodiment, per task and per
-  denoising step;
+- `layer<i>_<kind>_usage.png`: heatmaps of expert usage (row-normalised) per embodiment, per action space (one
+  descriptor, named by the embodiments sharing it), per task and per denoising step;
 - a specialisation score per condition: the mutual information I(expert; condition) in bits and normalised by
   min(H(expert), H(condition)) (0 = the condition says nothing about the expert, 1 = it decides it);
 - for token-independent routers (`as`, `nm`): a decision tree of depth <= `--depth` distilled from the router
@@ -65,10 +65,15 @@ def mutual_information(table: np.ndarray) -> tuple[float, float]:
 
 
 def conditions(calibration: Calibration, rec: LayerRouting) -> dict[str, tuple[list[str], np.ndarray]]:
-    """Per axis (embodiment, task, step): the condition names and each row's condition id."""
+    """Per axis (embodiment, action space, task, step): the condition names and each row's condition id. An action
+    space is one action-space descriptor, named by the embodiments that share it."""
     sample = rec.sample[0].numpy()
+    legend = descriptor_legend(calibration)
+    spaces = ["+".join(legend["".join(map(str, row))])
+              for row in (calibration.descriptor > 0.5).int().tolist()]
     out = {}
-    for axis, values in (("embodiment", calibration.embodiment), ("task", calibration.task)):
+    for axis, values in (("embodiment", calibration.embodiment), ("action space", spaces),
+                         ("task", calibration.task)):
         names = sorted(set(values))
         ids = np.array([names.index(v) for v in values])
         out[axis] = (names, ids[sample])

@@ -1,0 +1,84 @@
+"""bench/bench_hetero.py: what each arm runs (the commands a user types) and how its rows read finished runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from test_bench_run import load_bench
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_hetero.py"
+
+
+@pytest.fixture
+def hetero(monkeypatch, tmp_path):
+    module = load_bench(BENCH, monkeypatch)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(module.BL, "stage", lambda cmd, log: calls.append(cmd))
+    plan = module.make_plan(quick=True)
+    plan.work, plan.data, plan.figures = tmp_path / "work", tmp_path / "data", tmp_path / "routing"
+    return module, plan, calls
+
+
+def flag(cmd: list[str], name: str) -> str:
+    return cmd[len(cmd) - 1 - cmd[::-1].index(name) + 1]  # the last occurrence wins, as in argparse
+
+
+def test_pretraining_evaluates_every_embodiment_and_reports_the_routers(hetero):
+    module, plan, calls = hetero
+    module.pretrain(plan, "himoe")
+    train, *evals, report = calls
+    mixture = yaml.safe_load(Path(flag(train, "--data.mixture")).read_text())
+    assert {Path(e["dataset"]).parent for e in mixture["datasets"]} == {plan.data}
+    assert Path(mixture["embodiments_file"]).is_file()
+    assert flag(train, "--action.layers") == "as,hb,hb,hb,hb,as"
+    assert [Path(flag(c, "--out")).name for c in evals] == [f"eval-{e}" for e in module.pretrain_embodiments()]
+    assert len(evals) == 5 and "eval/libero.py" in evals[0] and all("eval/robosuite.py" in c for c in evals[1:])
+    assert report[report.index("-m") + 1] == "vla.tools.routing_report"
+    calls.clear()
+    module.pretrain(plan, "dense")
+    assert not any("vla.tools.routing_report" in c for c in calls)  # nothing routed
+
+
+def test_fine_tuning_starts_from_the_pretrained_run_on_the_new_robots_demos(hetero, monkeypatch):
+    module, plan, calls = hetero
+    with pytest.raises(RuntimeError, match="run the pre-mode arm first"):
+        module.fine_tune(plan, "mode")
+    monkeypatch.setattr(module, "read_last", lambda run_dir: "step-000008")
+    module.fine_tune(plan, "mode")
+    trains = [c for c in calls if "train.py" in c]
+    assert [(flag(c, "--train.run_name"), flag(c, "--train.freeze_routers")) for c in trains] == [
+        ("ft-mode-10", "false"), ("ft-mode-10-frozen", "true"), ("ft-mode-25", "false"), ("ft-mode-25-frozen", "true")]
+    for c in trains:
+        assert flag(c, "--train.init_from").endswith("pre-mode/last")
+        assert flag(c, "--config").endswith("pre-mode/config.json")
+    ten = yaml.safe_load(Path(flag(trains[0], "--data.mixture")).read_text())["datasets"]
+    assert [Path(e["dataset"]).name for e in ten] == ["robosuite_kinova3_lift_stack_10"]
+    assert [e["embodiment"] for e in ten] == [module.NEW_ROBOT]
+    evals = [c for c in calls if "eval/robosuite.py" in c]
+    assert len(evals) == 4 and all(flag(c, "--robot") == "kinova3_osc_pose" for c in evals)
+    assert module.fine_tunes("dense") == [(10, False), (25, False)]  # no routers to freeze
+
+
+def write_eval(path: Path, successes: int, episodes: int) -> None:
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({"summary": {"successes": successes, "episodes": episodes}}))
+
+
+def test_new_robot_rows_give_the_difference_from_scratch_with_its_standard_error(hetero):
+    module, plan, _ = hetero
+    robot = module.NEW_ROBOT
+    for demos, (ft, scratch) in {10: (30, 20), 25: (26, 25)}.items():
+        write_eval(plan.work / f"ft-dense-{demos}" / f"eval-{robot}", ft, 50)
+        write_eval(plan.work / f"scratch-dense-{demos}" / f"eval-{robot}", scratch, 50)
+    rows = module.new_robot_rows(plan, "dense", "ft")
+    ten, twenty_five = (r["figures"] for r in rows)
+    assert ten["difference"] == pytest.approx(0.2) and twenty_five["difference"] == pytest.approx(0.02)
+    se = ((0.6 * 0.4 / 50) + (0.4 * 0.6 / 50)) ** 0.5
+    assert ten["se_difference"] == pytest.approx(round(se, 3))
+    assert ten["within_noise"] is False and twenty_five["within_noise"] is True
+    assert module.parse_arms("data,ft-dense") == ["data", "ft-dense"]
+    with pytest.raises(SystemExit, match="unknown arm"):
+        module.parse_arms("pre-sawyer")
