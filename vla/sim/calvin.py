@@ -59,7 +59,6 @@ from vla.sim.policies import (
     policy_with_settings,
     seed_everything,
 )
-from vla.sim.runner import run_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -811,28 +810,19 @@ def evaluate_calvin(
     ]
     logger.info("CALVIN %s: %d chains, %d to run (%d already done), %d worker(s) -> %s", cfg.calvin_scene,
                 len(chains), len(jobs), len(chains) - len(jobs), cfg.num_workers, out)
-    from tqdm.auto import tqdm
+    bar = R.progress_bar(len(chains), records, desc="calvin", disable=not progress, unit="chain",
+                         postfix=chain_postfix)
+    return R.run_logged(log, jobs, CalvinWorker(cfg, policy, str(out), sim), num_workers=cfg.num_workers,
+                        on_lost=lost_chain(cfg), bar=bar, postfix=chain_postfix,
+                        finish=lambda records, wall_time_s: write_calvin_results(out, run_info, records,
+                                                                                 wall_time_s=wall_time_s))
 
-    bar = tqdm(total=len(chains), initial=len(chains) - len(jobs), unit="chain", desc="calvin",
-               disable=not progress, dynamic_ncols=True)
 
-    def on_record(record: dict[str, Any]) -> None:
-        log.append(record)
-        records.append(record)
-        bar.update(1)
-        rates = success_at_lengths([r["completed"] for r in records])
-        bar.set_postfix_str(" ".join(f"{k + 1}/5:{v:.0%}" for k, v in enumerate(rates))
-                            + f" avg len {np.mean([r['completed'] for r in records]):.2f}")
-
-    started = time.time()
-    try:
-        run_jobs(jobs, CalvinWorker(cfg, policy, str(out), sim), num_workers=cfg.num_workers,
-                 on_record=on_record, on_lost=lost_chain(cfg))
-    finally:
-        bar.close()
-        log.close()
-        results = write_calvin_results(out, run_info, log.read(), wall_time_s=time.time() - started)
-    return results
+def chain_postfix(records: Sequence[dict[str, Any]]) -> str:
+    """Progress-bar text of finished chains: success at each chain length and the average length."""
+    rates = success_at_lengths([r["completed"] for r in records])
+    return (" ".join(f"{k + 1}/5:{v:.0%}" for k, v in enumerate(rates))
+            + f" avg len {np.mean([r['completed'] for r in records]):.2f}")
 
 
 def write_calvin_results(out: Path, run_info: dict[str, Any], records: list[dict[str, Any]],

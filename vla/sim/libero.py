@@ -59,7 +59,6 @@ from vla.sim.policies import (
     policy_with_settings,
     seed_everything,
 )
-from vla.sim.runner import run_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -538,24 +537,11 @@ def evaluate_libero(
     total = len(task_ids) * cfg.episodes_per_task
     logger.info("LIBERO %s: %d tasks x %d episodes, %d to run (%d already done), %d worker(s) -> %s",
                 cfg.suite, len(task_ids), cfg.episodes_per_task, len(jobs), total - len(jobs), cfg.num_workers, out)
-    records = log.read()
-    bar = R.progress_bar(total, records, desc=cfg.suite, disable=not progress)
-
-    def on_record(record: dict[str, Any]) -> None:
-        log.append(record)
-        records.append(record)
-        bar.update(1)
-        bar.set_postfix_str(f"success {R.rate(sum(r['success'] for r in records), len(records)):.1%}")
-
-    started = time.time()
-    try:
-        run_jobs(jobs, LiberoWorker(cfg, policy, str(out), protocol), num_workers=cfg.num_workers,
-                 on_record=on_record, on_lost=lost_record(cfg))
-    finally:
-        bar.close()
-        log.close()
-        results = write_libero_results(out, run_info, log.read(), wall_time_s=time.time() - started)
-    return results
+    bar = R.progress_bar(total, log.read(), desc=cfg.suite, disable=not progress)
+    return R.run_logged(log, jobs, LiberoWorker(cfg, policy, str(out), protocol), num_workers=cfg.num_workers,
+                        on_lost=lost_record(cfg), bar=bar,
+                        finish=lambda records, wall_time_s: write_libero_results(out, run_info, records,
+                                                                                 wall_time_s=wall_time_s))
 
 
 def _resolve_tasks(cfg: EvalConfig) -> list[int]:

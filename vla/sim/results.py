@@ -24,7 +24,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -343,11 +343,44 @@ def add_run_arguments(parser: Any, out_help: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def progress_bar(total: int, records: Sequence[Mapping[str, Any]], *, desc: str, disable: bool):
-    """A tqdm bar over a run's episodes, starting at the records already finished and showing their success."""
+def success_postfix(records: Sequence[Mapping[str, Any]]) -> str:
+    """The progress-bar text of episodes with a `success` field: the running success rate."""
+    return f"success {rate(sum(r['success'] for r in records), len(records)):.1%}"
+
+
+def progress_bar(total: int, records: Sequence[Mapping[str, Any]], *, desc: str, disable: bool, unit: str = "ep",
+                 postfix: Callable[[Sequence[Mapping[str, Any]]], str] = success_postfix):
+    """A tqdm bar over a run's jobs, starting at the records already finished and showing `postfix` of them."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=len(records), unit="ep", desc=desc, disable=disable, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=len(records), unit=unit, desc=desc, disable=disable, dynamic_ncols=True)
     if records:
-        bar.set_postfix_str(f"success {rate(sum(r['success'] for r in records), len(records)):.1%}")
+        bar.set_postfix_str(postfix(records))
     return bar
+
+
+def run_logged(log: EpisodeLog, jobs: Sequence[dict[str, Any]], worker: Any, *, num_workers: int,
+               on_lost: Callable[[dict[str, Any], str], dict[str, Any]], bar: Any,
+               finish: Callable[..., dict[str, Any]],
+               postfix: Callable[[Sequence[Mapping[str, Any]]], str] = success_postfix) -> dict[str, Any]:
+    """Run `jobs` on `worker` processes (`vla.sim.runner.run_jobs`), append each record to `log` the moment it
+    finishes and advance `bar`; then close both and return `finish(every record, wall_time_s=...)`, also when the
+    run is interrupted, so the results files always describe the episodes on disk."""
+    from vla.sim.runner import run_jobs
+
+    records = log.read()
+
+    def on_record(record: dict[str, Any]) -> None:
+        log.append(record)
+        records.append(record)
+        bar.update(1)
+        bar.set_postfix_str(postfix(records))
+
+    started = time.time()
+    try:
+        run_jobs(jobs, worker, num_workers=num_workers, on_record=on_record, on_lost=on_lost)
+    finally:
+        bar.close()
+        log.close()
+        results = finish(log.read(), wall_time_s=time.time() - started)
+    return results

@@ -72,7 +72,6 @@ from vla.sim.robosuite_env import (
     TASKS,
     RobotSpec,
 )
-from vla.sim.runner import run_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -481,22 +480,10 @@ def evaluate_robosuite(
                 cfg.robot, len(cfg.task_names), cfg.episodes_per_task, len(jobs), total - len(jobs), cfg.num_workers,
                 out)
     bar = R.progress_bar(total, records, desc=cfg.robot, disable=not progress)
-
-    def on_record(record: dict[str, Any]) -> None:
-        log.append(record)
-        records.append(record)
-        bar.update(1)
-        bar.set_postfix_str(f"success {R.rate(sum(r['success'] for r in records), len(records)):.1%}")
-
-    started = time.time()
-    try:
-        run_jobs(jobs, RobosuiteWorker(cfg, policy, str(out), cameras), num_workers=cfg.num_workers,
-                 on_record=on_record, on_lost=lost_record(cfg))
-    finally:
-        bar.close()
-        log.close()
-        results = write_robosuite_results(out, run_info, log.read(), wall_time_s=time.time() - started)
-    return results
+    return R.run_logged(log, jobs, RobosuiteWorker(cfg, policy, str(out), cameras), num_workers=cfg.num_workers,
+                        on_lost=lost_record(cfg), bar=bar,
+                        finish=lambda records, wall_time_s: write_robosuite_results(out, run_info, records,
+                                                                                    wall_time_s=wall_time_s))
 
 
 def summarize(records: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
