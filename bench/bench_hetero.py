@@ -278,11 +278,12 @@ def pretrain_rows(plan: Plan, head: str) -> list[dict]:
     report = plan.figures / head / "report.json"
     if head in ROUTED_HEADS and report.is_file():
         layers = json.loads(report.read_text())["layers"]
-        spec = {f"layer{e['layer']}_{e['kind']}_{axis.replace(' ', '_')}": round(v["normalised"], 3)
+        spec = {f"layer{e['layer']}_{e['kind']}_{axis.replace(' ', '_')}": round(v["separation"], 3)
                 for e in layers for axis, v in e["specialisation"].items()}
-        by_embodiment = [e["specialisation"]["embodiment"]["normalised"] for e in layers]
-        rows.append({"benchmark": f"hetero routing: {head}", "metric": "specialisation by embodiment (normalised "
-                     "MI), mean over routed layers", "value": round(sum(by_embodiment) / len(by_embodiment), 3),
+        by_embodiment = [e["specialisation"]["embodiment"]["separation"] for e in layers]
+        rows.append({"benchmark": f"hetero routing: {head}", "metric": "separation of embodiments (MI / log2 "
+                     "min(embodiments, experts)), mean over routed layers",
+                     "value": round(sum(by_embodiment) / len(by_embodiment), 3),
                      "goal": "", "met": None, "figures": spec,
                      "notes": f"usage heatmaps and trees: {report.parent.relative_to(REPO)}/ (routing_report)"})
     return rows

@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -189,10 +190,18 @@ def success_se(successes: int, episodes: int) -> float:
     return (p * (1 - p) / episodes) ** 0.5
 
 
-def libero_success(policy: VLAPolicy, out: Path, protocol: dict) -> dict:
-    """Save `policy` to `out` (once) and evaluate it with `protocol` (an arm's in-process one) into `out/eval`."""
+def libero_success(policy: VLAPolicy, out: Path, protocol: dict, source_sha256: str | None) -> dict:
+    """Save `policy` to `out` (once) and evaluate it with `protocol` (an arm's in-process one) into `out/eval`.
+
+    `out/source.json` records the hash of the checkpoint the variant was merged from: a variant of an older training
+    of the arm is deleted and merged and evaluated again instead of being reported beside the new one."""
+    source = out / "source.json"
+    if out.exists() and (not source.is_file() or json.loads(source.read_text()).get("sha256") != source_sha256):
+        logger.info("%s was merged from another checkpoint: merging and evaluating it again", out)
+        shutil.rmtree(out)
     if not (out / "config.json").is_file():
         policy.save_pretrained(out)
+        source.write_text(json.dumps({"sha256": source_sha256}))
     eval_dir = out / "eval"
     results = eval_dir / "results.json"
     if not (results.is_file() and json.loads(results.read_text()).get("complete")):
@@ -259,7 +268,8 @@ def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool, arm_dir: P
             if local is not None and variant in libero:
                 slug = variant.replace("K=E/2", "Khalf").replace("=", "").replace(" + ", "-").replace(" ", "-")
                 rows.append(libero_row(name, variant, libero_success(merged, arm_dir / "merged" / slug,
-                                                                     local["protocol"]), local["summary"]))
+                                                                     local["protocol"], local["policy"].get("sha256")),
+                                         local["summary"]))
     return rows
 
 

@@ -153,6 +153,14 @@ def _success_se(successes: int, episodes: int) -> float:
     return (p * (1 - p) / episodes) ** 0.5
 
 
+def _served_sha(run_file: Path) -> str | None:
+    """The content hash of the checkpoint the server held during a recorded remote evaluation."""
+    import json
+
+    policy = json.loads(run_file.read_text()).get("policy", {})
+    return policy.get("sha256") or policy.get("metadata", {}).get("policy", {}).get("sha256")
+
+
 def served_libero(arm_dir: Path = LEARNED_ARM) -> dict | None:
     """Evaluate the trained arm's checkpoint through `vla.serve` with the protocol of its in-process evaluation;
     None when the arm has not been trained and evaluated."""
@@ -173,13 +181,16 @@ def served_libero(arm_dir: Path = LEARNED_ARM) -> dict | None:
                str(proto["episodes_per_task"]), "--image-size", str(proto["image_size"]), "--replan-steps",
                str(proto["replan_steps"]), "--seed", str(proto["seed"]), "--workers", "2", "--videos", "0",
                "--no-progress", "--out", str(out)]
-        done = out / "results.json"
-        if done.is_file() and json.loads(done.read_text()).get("complete"):
+        done, started = out / "results.json", out / "run.json"
+        # a served run of another checkpoint (the arm was trained again since) is started over, not reused
+        stale = started.is_file() and _served_sha(started) != local["policy"].get("sha256")
+        if done.is_file() and not stale and json.loads(done.read_text()).get("complete"):
             pass  # measured before: the rows are read again
         else:
+            again = ["--overwrite"] if stale else ["--resume"] if started.exists() else []
             log = arm_dir / "bench-served.log"
             with log.open("a") as f:
-                code = subprocess.run(cmd + (["--resume"] if (out / "run.json").exists() else []), cwd=ROOT,
+                code = subprocess.run(cmd + again, cwd=ROOT,
                                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=f,
                                       stderr=subprocess.STDOUT).returncode
             if code != 0:

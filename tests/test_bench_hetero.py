@@ -82,3 +82,20 @@ def test_new_robot_rows_give_the_difference_from_scratch_with_its_standard_error
     assert module.parse_arms("data,ft-dense") == ["data", "ft-dense"]
     with pytest.raises(SystemExit, match="unknown arm"):
         module.parse_arms("pre-sawyer")
+
+
+@pytest.mark.slow
+def test_the_quick_pipeline_pretrains_fine_tunes_and_reports_for_real(monkeypatch, tmp_path):
+    """`bench_hetero.py --quick` at its smallest: real generators, training, per-robot evaluations, routing report."""
+    module = load_bench(BENCH, monkeypatch)
+    plan = module.make_plan(quick=True)
+    plan.work, plan.data, plan.figures = tmp_path / "work", tmp_path / "data", tmp_path / "routing"
+    rows = module.compare(plan, ["data", "pre-tiny-cpu", "scratch-tiny-cpu", "ft-tiny-cpu"])
+    assert not [r for r in rows if r["value"] == "error"], rows
+    pooled, routing, *new_robot = rows
+    assert pooled["benchmark"] == "hetero pretrain: tiny-cpu" and 0.0 <= pooled["value"] <= 1.0
+    assert {f"{e}_episodes" for e in module.pretrain_embodiments()} <= set(pooled["figures"])
+    assert routing["figures"] and (plan.figures / "tiny-cpu" / "report.md").is_file()
+    assert len(list((plan.figures / "tiny-cpu").glob("layer*_usage.png"))) == 6
+    fine_tuned = [r for r in new_robot if r["metric"].startswith("fine-tuned")]
+    assert len(fine_tuned) == 4 and all("difference" in r["figures"] for r in fine_tuned)

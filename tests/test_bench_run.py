@@ -251,10 +251,11 @@ def test_inference_settings_are_tuned_on_validation_episodes(monkeypatch, tmp_pa
         assert cmd[cmd.index("--out") + 1].endswith(f"val-steps{steps}")
 
 
-def fake_eval(out: Path, successes: int, episodes: int, **protocol) -> None:
+def fake_eval(out: Path, successes: int, episodes: int, sha256: str = "aaa", **protocol) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"policy": {"checkpoint": None, "sha256": sha256}}))
     (out / "results.json").write_text(json.dumps({
-        "complete": True, "summary": {"successes": successes, "episodes": episodes,
+        "complete": True, "policy": {"checkpoint": None, "sha256": sha256}, "summary": {"successes": successes, "episodes": episodes,
                                       "success_rate": successes / episodes, "actions_per_query": 5.0},
         "protocol": {"suite": "libero_object", "tasks": [0], "episodes_per_task": episodes, "image_size": 128,
                      "replan_steps": 5, "seed": 7, **protocol}}))
@@ -290,6 +291,9 @@ def test_served_libero_repeats_the_in_process_protocol_through_the_server(monkey
     assert row["figures"]["difference"] == pytest.approx(-0.08) and row["met"] is True
     module.served_libero(tmp_path)
     assert len(commands) == 1  # a finished served evaluation is read again, not re-run
+    fake_eval(tmp_path / "eval", 30, 50, sha256="bbb", image_size=96)  # the arm was trained again
+    module.served_libero(tmp_path)
+    assert len(commands) == 2 and "--overwrite" in commands[-1]  # the old served run is not reported beside it
 
 
 def test_merged_variants_are_scored_with_the_arms_own_protocol(monkeypatch, tmp_path):
@@ -313,9 +317,13 @@ def test_merged_variants_are_scored_with_the_arms_own_protocol(monkeypatch, tmp_
     monkeypatch.setattr(module.subprocess, "run", run)
     fake_eval(tmp_path / "eval", 42, 50, image_size=96)
     local = json.loads((tmp_path / "eval" / "results.json").read_text())
-    summary = module.libero_success(Policy(), tmp_path / "merged", local["protocol"])
+    summary = module.libero_success(Policy(), tmp_path / "merged", local["protocol"], "aaa")
     (cmd,) = commands
     assert cmd[cmd.index("--policy") + 1] == str(tmp_path / "merged")
     assert cmd[cmd.index("--image-size") + 1] == "96"
+    module.libero_success(Policy(), tmp_path / "merged", local["protocol"], "aaa")
+    assert len(commands) == 1  # the same source checkpoint: read again
+    module.libero_success(Policy(), tmp_path / "merged", local["protocol"], "bbb")
+    assert len(commands) == 2  # merged from a retrained arm: merged and evaluated again
     row = module.libero_row("tiny-cpu", "K=1 mcsmoe", summary, local["summary"])
     assert row["value"] == 0.6 and row["figures"]["difference"] == pytest.approx(-0.24)

@@ -24,7 +24,7 @@ from vla.tools.calibration import collect_routing
 from vla.tools.merge_experts import main as merge_main
 from vla.tools.merge_experts import merge_policy
 from vla.tools.merging import group_experts, match_neurons, merge_group, permute_neurons, remap_router_rows
-from vla.tools.routing_report import distil_router, mutual_information
+from vla.tools.routing_report import distil_router, mutual_information, separation
 from vla.tools.tree import DecisionTree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +207,17 @@ def test_mutual_information_is_zero_for_independent_and_one_for_decided_routing(
     assert mutual_information(np.full((3, 4), 5.0)) == (0.0, 0.0)
     mi, nmi = mutual_information(np.diag([10.0, 10.0, 10.0, 10.0]))
     assert mi == pytest.approx(2.0) and nmi == pytest.approx(1.0)
+
+
+def test_separation_tells_a_lumped_routing_from_a_spread_one():
+    lumped = np.array([[10.0, 0, 0]] * 4 + [[0, 10.0, 0]])  # 4 of 5 embodiments on expert 0, one on expert 1
+    assert mutual_information(lumped)[1] == pytest.approx(1.0)  # decided by the embodiment...
+    # ...but it carries H(0.8, 0.2) = 0.722 bits of the log2(3) a 3-expert layer could
+    assert separation(lumped) == pytest.approx(0.7219 / np.log2(3), abs=1e-4)
+    spread = np.array([[10.0, 0, 0], [10.0, 0, 0], [0, 10.0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+    assert separation(spread) > separation(lumped)
+    assert separation(np.eye(3) * 7) == pytest.approx(1.0)
+    assert separation(np.full((5, 3), 4.0)) == 0.0 and separation(np.array([[3.0, 0], [5.0, 0]])) == 0.0
 
 
 # ---- the command lines -----------------------------------------------------------------------------------------

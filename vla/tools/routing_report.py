@@ -6,8 +6,11 @@
 For every routed layer, on `--samples` observations of `--data` run through the inference path:
 - `layer<i>_<kind>_usage.png`: heatmaps of expert usage (row-normalised) per embodiment, per action space (one
   descriptor, named by the embodiments sharing it), per task and per denoising step;
-- a specialisation score per condition: the mutual information I(expert; condition) in bits and normalised by
-  min(H(expert), H(condition)) (0 = the condition says nothing about the expert, 1 = it decides it);
+- a specialisation score per condition: the mutual information I(expert; condition) in bits, normalised by
+  min(H(expert), H(condition)) (0 = the condition says nothing about the expert, 1 = it decides it), and its
+  separation, normalised by log2(min(conditions, experts)) (1 = the conditions are spread over every expert the
+  layer has; an `as` layer's expert is always decided by the embodiment, so this is the score that tells whether
+  it tells embodiments apart);
 - for token-independent routers (`as`, `nm`): a decision tree of depth <= `--depth` distilled from the router
   (inputs: the action-space descriptor bits that vary in the data and the noise fraction of the step; label: the
   selected expert set), printed in `report.md`, drawn as `layer<i>_<kind>_tree.png`, with its agreement with the
@@ -47,7 +50,11 @@ def usage_table(rec: LayerRouting, condition: np.ndarray, num_conditions: int) -
 
 
 def mutual_information(table: np.ndarray) -> tuple[float, float]:
-    """(I(expert; condition) in bits, normalised by min(H(expert), H(condition))) of a (C, E) count table."""
+    """(I(expert; condition) in bits, normalised by min(H(expert), H(condition))) of a (C, E) count table.
+
+    The normalised score is 1 whenever the condition decides the expert, however few experts are used: a layer that
+    routes four of five embodiments to one expert and the fifth to another scores 1. `separation` says how much of
+    what the layer could separate it does."""
     total = table.sum()
     if total <= 0:
         return 0.0, 0.0
@@ -62,6 +69,15 @@ def mutual_information(table: np.ndarray) -> tuple[float, float]:
 
     bound = min(entropy(pc.ravel()), entropy(pe.ravel()))
     return max(mi, 0.0), (max(mi, 0.0) / bound if bound > 1e-12 else 0.0)
+
+
+def separation(table: np.ndarray) -> float:
+    """I(expert; condition) / log2(min(conditions, experts)) of a (C, E) count table: 1 when the layer splits the
+    (equally frequent) conditions over as many experts as it has, or gives each condition its own expert; 0 when
+    the expert says nothing about the condition, or every condition shares one expert."""
+    present = int((table.sum(axis=1) > 0).sum())
+    capacity = np.log2(min(present, table.shape[1])) if present > 1 and table.shape[1] > 1 else 0.0
+    return mutual_information(table)[0] / capacity if capacity > 0 else 0.0
 
 
 def conditions(calibration: Calibration, rec: LayerRouting) -> dict[str, tuple[list[str], np.ndarray]]:
@@ -162,13 +178,14 @@ def write_report(calibration: Calibration, out: str | Path, max_depth: int = 3) 
         entry = {"layer": i, "kind": rec.kind, "num_experts": rec.num_experts, "top_k": rec.top_k,
                  "rows": rec.rows, "usage_png": f"{tag}_usage.png", "specialisation": {}, "usage": {}}
         md += [f"## Layer {i} ({rec.kind}, {rec.num_experts} experts, top-{rec.top_k})", "",
-               f"![usage]({tag}_usage.png)", "", "| condition | I(expert; condition) bits | normalised |",
-               "|---|---|---|"]
+               f"![usage]({tag}_usage.png)", "", "| condition | I(expert; condition) bits | normalised | separation |",
+               "|---|---|---|---|"]
         for axis, (names, table) in tables.items():
             mi, nmi = mutual_information(table)
-            entry["specialisation"][axis] = {"mutual_information_bits": mi, "normalised": nmi}
+            sep = separation(table)
+            entry["specialisation"][axis] = {"mutual_information_bits": mi, "normalised": nmi, "separation": sep}
             entry["usage"][axis] = {n: row.tolist() for n, row in zip(names, table, strict=True)}
-            md.append(f"| {axis} | {mi:.3f} | {nmi:.3f} |")
+            md.append(f"| {axis} | {mi:.3f} | {nmi:.3f} | {sep:.3f} |")
         md.append("")
         if rec.kind in TOKEN_INDEPENDENT:
             tree, agreement = distil_router(calibration, rec, max_depth)
@@ -216,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"routing_report: {e}") from None
     report = write_report(calibration, args.out, args.depth)
     for layer in report["layers"]:
-        spec = ", ".join(f"{a} {v['normalised']:.2f}" for a, v in layer["specialisation"].items())
+        spec = ", ".join(f"{a} {v['normalised']:.2f} (separation {v['separation']:.2f})"
+                         for a, v in layer["specialisation"].items())
         tree = f"; tree agreement {layer['tree']['agreement']:.1%}" if "tree" in layer else ""
         logger.info("layer %d (%s): specialisation (normalised MI) %s%s", layer["layer"], layer["kind"], spec, tree)
     logger.info("wrote %s", Path(args.out) / "report.md")
