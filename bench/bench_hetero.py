@@ -314,10 +314,27 @@ def new_robot_rows(plan: Plan, head: str, kind: str) -> list[dict]:
 # ---- the arms --------------------------------------------------------------------------------------------------
 
 
+def data_rows(plan: Plan) -> list[dict]:
+    """One row per dataset: its scripted expert's success over the attempted episodes (`meta/generation.json`)."""
+    rows = []
+    for name in GENERATORS:
+        meta = json.loads((plan.data / name / "meta" / "generation.json").read_text())
+        attempts = sum(t["attempts"] for t in meta["tasks"])
+        successes = sum(t["successes"] for t in meta["tasks"])
+        rows.append({"benchmark": f"hetero data: {name}", "metric": "expert success over attempted episodes",
+                     "value": round(successes / max(attempts, 1), 3), "goal": ">= 0.9",
+                     "met": successes >= 0.9 * attempts,
+                     "figures": {"episodes": meta["episodes"], "frames": meta["frames"], "attempts": attempts,
+                                 "per_task": {t["task"]: f"{t['successes']}/{t['attempts']}" for t in meta["tasks"]},
+                                 "wall_s": meta.get("wall_seconds")},
+                     "notes": " ".join(generator_command(name, plan.quick))})
+    return rows
+
+
 def run_arm(plan: Plan, arm: str) -> list[dict]:
     if arm == "data":
         ensure_data(plan)
-        return []
+        return data_rows(plan)
     kind, head = arm.split("-", 1)
     if kind == "pre":
         pretrain(plan, head)

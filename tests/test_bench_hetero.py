@@ -92,7 +92,9 @@ def test_the_quick_pipeline_pretrains_fine_tunes_and_reports_for_real(monkeypatc
     plan.work, plan.data, plan.figures = tmp_path / "work", tmp_path / "data", tmp_path / "routing"
     rows = module.compare(plan, ["data", "pre-tiny-cpu", "scratch-tiny-cpu", "ft-tiny-cpu"])
     assert not [r for r in rows if r["value"] == "error"], rows
-    pooled, routing, *new_robot = rows
+    data = [r for r in rows if r["benchmark"].startswith("hetero data")]
+    assert len(data) == len(module.GENERATORS) and all(r["figures"]["episodes"] >= 1 for r in data)
+    pooled, routing, *new_robot = rows[len(data):]
     assert pooled["benchmark"] == "hetero pretrain: tiny-cpu" and 0.0 <= pooled["value"] <= 1.0
     assert {f"{e}_episodes" for e in module.pretrain_embodiments()} <= set(pooled["figures"])
     assert routing["figures"] and (plan.figures / "tiny-cpu" / "report.md").is_file()
