@@ -153,14 +153,6 @@ def _success_se(successes: int, episodes: int) -> float:
     return (p * (1 - p) / episodes) ** 0.5
 
 
-def _served_sha(run_file: Path) -> str | None:
-    """The content hash of the checkpoint the server held during a recorded remote evaluation."""
-    import json
-
-    policy = json.loads(run_file.read_text()).get("policy", {})
-    return policy.get("sha256") or policy.get("metadata", {}).get("policy", {}).get("sha256")
-
-
 def served_libero(arm_dir: Path = LEARNED_ARM) -> dict | None:
     """Evaluate the trained arm's checkpoint through `vla.serve` with the protocol of its in-process evaluation;
     None when the arm has not been trained and evaluated."""
@@ -182,8 +174,10 @@ def served_libero(arm_dir: Path = LEARNED_ARM) -> dict | None:
                str(proto["replan_steps"]), "--seed", str(proto["seed"]), "--workers", "2", "--videos", "0",
                "--no-progress", "--out", str(out)]
         done, started = out / "results.json", out / "run.json"
-        # a served run of another checkpoint (the arm was trained again since) is started over, not reused
-        stale = started.is_file() and _served_sha(started) != local["policy"].get("sha256")
+        # a served run of another checkpoint (the arm was trained again since) is started over, not reused; the
+        # client records the server's checkpoint hash as the run's policy sha256 (vla.serve.client)
+        stale = started.is_file() and (json.loads(started.read_text())["policy"].get("sha256")
+                                       != local["policy"].get("sha256"))
         if done.is_file() and not stale and json.loads(done.read_text()).get("complete"):
             pass  # measured before: the rows are read again
         else:
