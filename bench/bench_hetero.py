@@ -16,6 +16,9 @@ checkpoints and episode logs, so a run stopped anywhere continues where it stopp
                        MoE heads, the same with `--train.freeze_routers true`), FT_STEPS steps each; 50 episodes
                        on the new robot each                                                            ~60 min
     scratch-<head>     the same head trained from scratch on the same demonstrations for the same steps  ~30 min
+    as-study           why an `as` layer stays unspecialised: the tiny-cpu head pretrained STUDY_STEPS steps at each
+                       AS-Reg weight of AS_REG_WEIGHTS, the separation of each `as` layer read by routing_report
+                                                                                                        ~40 min
 
 The heads (equal active FFN width, as in bench/bench_learning.py): `tiny-cpu` (the preset, as,nm,nm,nm,nm,as), `dense`
 (d x 6), `himoe` (as,hb,hb,hb,hb,as) and `mode` (nm x 6). Rows: pooled and per-embodiment success of each pretrained
@@ -58,6 +61,12 @@ PRE_STEPS = 3000
 an arm, evaluation included, fits one sitting of this machine."""
 FT_STEPS = 600
 """Fine-tuning (and from-scratch) steps on the new robot."""
+STUDY_STEPS = 500
+"""Pretraining steps of each as-study run. AS-Reg acts on the router alone, so its effect shows early: at the preset's
+weight the 3000-step run's AS-Reg loss only went from 3.43 (log 31, routing blind to the descriptor at batch 32) to
+3.23."""
+AS_REG_WEIGHTS = (0.002, 0.1, 1.0)
+"""AS-Reg weights of the as-study: the tiny-cpu preset's, and two that let AS-Reg dominate the router's gradient."""
 DEMOS = (10, 25)
 """Demonstrations per task of the new robot in the two fine-tuning sizes."""
 
@@ -98,7 +107,7 @@ ROUTED_HEADS = ("tiny-cpu", "himoe", "mode")
 
 
 def arm_names() -> list[str]:
-    return ["data", *(f"{kind}-{head}" for kind in ("pre", "ft", "scratch") for head in HEADS)]
+    return ["data", *(f"{kind}-{head}" for kind in ("pre", "ft", "scratch") for head in HEADS), "as-study"]
 
 
 @dataclass
@@ -114,6 +123,7 @@ class Plan:
     eval_args: list[str] = field(default_factory=list)
     workers: int = 2
     routing_samples: int = 256
+    study_args: list[str] = field(default_factory=list)
 
 
 def make_plan(quick: bool) -> Plan:
@@ -125,6 +135,7 @@ def make_plan(quick: bool) -> Plan:
                  "--data.num_workers", "0"]
         plan.pre_args = ["--train.steps", "8", "--train.save_every", "4", *small]
         plan.ft_args = ["--train.steps", "4", "--train.save_every", "2", *small]
+        plan.study_args = plan.ft_args
         plan.eval_args = ["--episodes", "1", "--max-steps", "10", "--videos", "0"]
         return plan
     plan = Plan(work=REPO / "checkpoints" / "bench-hetero", data=REPO / "datasets" / "local",
@@ -132,6 +143,7 @@ def make_plan(quick: bool) -> Plan:
     plan.pre_args = ["--train.steps", str(PRE_STEPS), "--train.save_every", str(PRE_STEPS // 6)]
     plan.ft_args = ["--train.steps", str(FT_STEPS), "--train.save_every", str(FT_STEPS // 3),
                     "--train.warmup_steps", "50"]
+    plan.study_args = ["--train.steps", str(STUDY_STEPS), "--train.save_every", str(STUDY_STEPS)]
     return plan
 
 
@@ -197,10 +209,26 @@ def pretrain(plan: Plan, head: str) -> Path:
     for embodiment in pretrain_embodiments():
         evaluate(plan, run_dir, embodiment, again)
     if head in ROUTED_HEADS:
-        BL.stage([sys.executable, "-m", "vla.tools.routing_report", "--policy", str(run_dir / BL.LAST), "--data",
-                  str(mixture), "--out", str(plan.figures / head), "--samples", str(plan.routing_samples)],
-                 run_dir / "bench.log")
+        routing_report(plan, run_dir, mixture, plan.figures / head)
     return run_dir
+
+
+def routing_report(plan: Plan, run_dir: Path, mixture: Path, out: Path) -> None:
+    BL.stage([sys.executable, "-m", "vla.tools.routing_report", "--policy", str(run_dir / BL.LAST), "--data",
+              str(mixture), "--out", str(out), "--samples", str(plan.routing_samples)], run_dir / "bench.log")
+
+
+def as_study_run(weight: float) -> str:
+    return f"as-study-{weight:g}"
+
+
+def as_study(plan: Plan) -> None:
+    """Pretrain the tiny-cpu head briefly at each AS-Reg weight and read its routers (report under the run)."""
+    mixture = write_mixture(plan, PRETRAIN_MIXTURE, plan.work / "pretrain.yaml")
+    for weight in AS_REG_WEIGHTS:
+        run_dir, _ = train(plan, as_study_run(weight), ["--preset", "tiny-cpu", "--data.mixture", str(mixture),
+                                                        *plan.study_args, "--action.as_reg_weight", str(weight)])
+        routing_report(plan, run_dir, mixture, run_dir / "routing")
 
 
 def fine_tunes(head: str) -> list[tuple[int, bool]]:
@@ -250,14 +278,18 @@ def se(successes: int, episodes: int) -> float:
     return (p * (1 - p) / max(episodes, 1)) ** 0.5
 
 
+def final_loss(losses: list[tuple[int, float]]) -> float | None:
+    """The mean of the last tenth of a run's logged losses (one logged value is too noisy to compare)."""
+    tail = losses[-max(1, len(losses) // 10):]
+    return round(sum(v for _, v in tail) / len(tail), 4) if tail else None
+
+
 def training_figures(run_dir: Path) -> dict:
     tb = BL.scalars(run_dir)
     losses = tb.get("loss/loss", [])
-    tail = losses[-max(1, len(losses) // 10):]
     rates = sorted(v for _, v in tb.get("perf/steps_per_s", []))
     total_m, active_m = BL.head_parameters(run_dir)
-    return {"final_loss": round(sum(v for _, v in tail) / len(tail), 4) if tail else None,
-            "steps": losses[-1][0] if losses else 0,
+    return {"final_loss": final_loss(losses), "steps": losses[-1][0] if losses else 0,
             "train_steps_per_s": round(rates[len(rates) // 2], 3) if rates else None,
             "params_M": round(total_m, 2), "active_params_M": round(active_m, 2)}
 
@@ -311,6 +343,31 @@ def new_robot_rows(plan: Plan, head: str, kind: str) -> list[dict]:
     return rows
 
 
+def as_study_rows(plan: Plan) -> list[dict]:
+    """One row per AS-Reg weight: the embodiment separation of the `as` layers, and what the run's loss did."""
+    rows = []
+    for weight in AS_REG_WEIGHTS:
+        run_dir = plan.work / as_study_run(weight)
+        layers = [e for e in json.loads((run_dir / "routing" / "report.json").read_text())["layers"]
+                  if e["kind"] == "as"]
+        separation = [e["specialisation"]["embodiment"]["separation"] for e in layers]
+        figures = {f"layer{e['layer']}_as_{axis.replace(' ', '_')}": round(v["separation"], 3)
+                   for e in layers for axis, v in e["specialisation"].items() if axis in ("embodiment", "action space")}
+        tb = BL.scalars(run_dir)
+        losses, as_reg = tb.get("loss/loss", []), tb.get("loss/as_reg", [])
+        steps = losses[-1][0] if losses else 0
+        figures.update(final_loss=final_loss(losses), steps=steps)
+        if as_reg:
+            figures.update(as_reg_first=round(as_reg[0][1], 3), as_reg_last=round(as_reg[-1][1], 3))
+        rows.append({"benchmark": "hetero as-router study: tiny-cpu", "metric": f"embodiment separation of the as "
+                     f"layers (mean), AS-Reg weight {weight:g}", "value": round(sum(separation) / len(separation), 3),
+                     "goal": "", "met": None, "figures": figures,
+                     "notes": f"tiny-cpu head on hetero_pretrain.yaml, {steps} steps, "
+                              f"--action.as_reg_weight {weight:g} (preset: 0.002); routing_report over "
+                              f"{plan.routing_samples} samples, {run_dir.relative_to(plan.work)}/routing"})
+    return rows
+
+
 # ---- the arms --------------------------------------------------------------------------------------------------
 
 
@@ -335,6 +392,9 @@ def run_arm(plan: Plan, arm: str) -> list[dict]:
     if arm == "data":
         ensure_data(plan)
         return data_rows(plan)
+    if arm == "as-study":
+        as_study(plan)
+        return as_study_rows(plan)
     kind, head = arm.split("-", 1)
     if kind == "pre":
         pretrain(plan, head)

@@ -84,6 +84,34 @@ def test_new_robot_rows_give_the_difference_from_scratch_with_its_standard_error
         module.parse_arms("pre-sawyer")
 
 
+def test_the_as_study_varies_only_the_as_reg_weight_and_reads_the_as_layers(hetero, monkeypatch):
+    module, plan, calls = hetero
+    module.as_study(plan)
+    trains = [c for c in calls if "train.py" in c]
+    reports = [c for c in calls if "vla.tools.routing_report" in c]
+    assert [float(flag(c, "--action.as_reg_weight")) for c in trains] == list(module.AS_REG_WEIGHTS)
+    assert {flag(c, "--preset") for c in trains} == {"tiny-cpu"} and len(set(map(tuple, trains))) == len(trains)
+    assert [Path(flag(c, "--out")) for c in reports] == [
+        plan.work / module.as_study_run(w) / "routing" for w in module.AS_REG_WEIGHTS]
+
+    def layer(index, kind, embodiment):
+        return {"layer": index, "kind": kind, "specialisation": {
+            "embodiment": {"separation": embodiment}, "action space": {"separation": embodiment},
+            "step": {"separation": 0.5}}}
+
+    for i, weight in enumerate(module.AS_REG_WEIGHTS):
+        out = plan.work / module.as_study_run(weight) / "routing"
+        out.mkdir(parents=True)
+        (out / "report.json").write_text(json.dumps({"layers": [
+            layer(0, "as", 0.2 * i), layer(1, "nm", 0.9), layer(5, "as", 0.4 * i)]}))
+    monkeypatch.setattr(module.BL, "scalars", lambda run_dir: {
+        "loss/loss": [(s, 1.0 / s) for s in range(1, 11)], "loss/as_reg": [(1, 3.43), (10, 1.5)]})
+    rows = module.as_study_rows(plan)
+    assert [r["value"] for r in rows] == pytest.approx([0.0, 0.3, 0.6])  # mean of the two as layers, nm ignored
+    assert rows[1]["figures"]["layer5_as_embodiment"] == 0.4 and "layer1_nm_embodiment" not in rows[1]["figures"]
+    assert rows[0]["figures"]["final_loss"] == 0.1 and rows[0]["figures"]["as_reg_last"] == 1.5
+
+
 @pytest.mark.slow
 def test_the_quick_pipeline_pretrains_fine_tunes_and_reports_for_real(monkeypatch, tmp_path):
     """`bench_hetero.py --quick` at its smallest: real generators, training, per-robot evaluations, routing report."""
