@@ -343,6 +343,37 @@ def new_robot_rows(plan: Plan, head: str, kind: str) -> list[dict]:
     return rows
 
 
+def router_gradients(run_dir: Path, mixture: Path, batches: int = 4) -> dict[str, float]:
+    """Per `as` layer of a run's last checkpoint: how much of its router's training signal AS-Reg is.
+
+    The router of an `as` layer sees only the action-space descriptor, so two losses move it: the action loss
+    (through the selected expert's mixing weight) and AS-Reg. Figures: `layer<i>_as_reg_over_action` = norm of
+    the gradient of the weighted AS-Reg over that of the action loss on the router's weights, each averaged over
+    `batches` training batches of the mixture (the gradient Adam follows; the per-batch noise averages out).
+    """
+    import itertools
+
+    import torch
+
+    from vla.policy import VLAPolicy
+    from vla.tools.calibration import mixture_batches
+
+    policy = VLAPolicy.from_pretrained(run_dir / BL.LAST).train()
+    action = policy.config.action
+    routers = {i: list(policy.head.transformer.blocks[i].ffn.router.parameters())
+               for i, kind in enumerate(action.layer_kinds) if kind == "as"}
+    sums = {(name, i): 0.0 for name in ("action", "as_reg") for i in routers}
+    for batch in itertools.islice(mixture_batches(policy, str(mixture), 32), batches):
+        losses = policy(batch)
+        for name, loss in (("action", losses["action_loss"]), ("as_reg", losses["as_reg"] * action.as_reg_weight)):
+            for i, params in routers.items():
+                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                sums[name, i] = sums[name, i] + torch.cat([
+                    (g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)])
+    return {f"layer{i}_as_reg_over_action": round(float(sums["as_reg", i].norm() / sums["action", i].norm()), 3)
+            for i in routers}
+
+
 def as_study_rows(plan: Plan) -> list[dict]:
     """One row per AS-Reg weight: the embodiment separation of the `as` layers, and what the run's loss did."""
     rows = []
@@ -359,6 +390,7 @@ def as_study_rows(plan: Plan) -> list[dict]:
         figures.update(final_loss=final_loss(losses), steps=steps)
         if as_reg:
             figures.update(as_reg_first=round(as_reg[0][1], 3), as_reg_last=round(as_reg[-1][1], 3))
+        figures.update(router_gradients(run_dir, plan.work / "pretrain.yaml"))
         rows.append({"benchmark": "hetero as-router study: tiny-cpu", "metric": f"embodiment separation of the as "
                      f"layers (mean), AS-Reg weight {weight:g}", "value": round(sum(separation) / len(separation), 3),
                      "goal": "", "met": None, "figures": figures,

@@ -106,10 +106,44 @@ def test_the_as_study_varies_only_the_as_reg_weight_and_reads_the_as_layers(hete
             layer(0, "as", 0.2 * i), layer(1, "nm", 0.9), layer(5, "as", 0.4 * i)]}))
     monkeypatch.setattr(module.BL, "scalars", lambda run_dir: {
         "loss/loss": [(s, 1.0 / s) for s in range(1, 11)], "loss/as_reg": [(1, 3.43), (10, 1.5)]})
+    monkeypatch.setattr(module, "router_gradients", lambda run_dir, mixture: {"layer0_as_reg_over_action": 0.5})
     rows = module.as_study_rows(plan)
     assert [r["value"] for r in rows] == pytest.approx([0.0, 0.3, 0.6])  # mean of the two as layers, nm ignored
     assert rows[1]["figures"]["layer5_as_embodiment"] == 0.4 and "layer1_nm_embodiment" not in rows[1]["figures"]
     assert rows[0]["figures"]["final_loss"] == 0.1 and rows[0]["figures"]["as_reg_last"] == 1.5
+
+
+def test_router_gradients_weigh_as_reg_against_the_action_loss_on_a_real_policy(write_lerobot_dataset, tmp_path,
+                                                                                  monkeypatch):
+    """On a two-robot mixture the weighted AS-Reg moves the `as` router: ten times the weight, ten times the ratio
+    (same batches, same noise: the action loss's gradient does not depend on the weight)."""
+    import dataclasses
+
+    import torch
+    from test_tools import normalizer, tiny_config
+
+    from vla.policy import VLAPolicy
+
+    module = load_bench(BENCH, monkeypatch)
+    robots = {"libero_panda": 7, "robosuite_ur5e_osc": 4}
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(yaml.safe_dump({"datasets": [
+        {"dataset": str(write_lerobot_dataset(tmp_path / name, robot_type=name, action_dim=dim, state_dim=8,
+                                              episodes=(8, 8))),
+         "weight": 1.0, "embodiment": name, "cameras": {"agentview": "base", "wrist": "wrist"}}
+        for name, dim in robots.items()]}))
+    ratios = []
+    for weight in (1.0, 10.0):
+        cfg = tiny_config()
+        cfg.action = dataclasses.replace(cfg.action, as_reg_weight=weight)
+        torch.manual_seed(0)
+        VLAPolicy(cfg, normalizer=normalizer()).save_pretrained(tmp_path / f"run-{weight}" / "last")
+        torch.manual_seed(1)
+        ratios.append(module.router_gradients(tmp_path / f"run-{weight}", mixture, batches=2))
+    as_layers = [i for i, kind in enumerate(cfg.action.layer_kinds) if kind == "as"]
+    assert set(ratios[0]) == {f"layer{i}_as_reg_over_action" for i in as_layers} and as_layers
+    for key, low in ratios[0].items():
+        assert 0 < low < float("inf") and ratios[1][key] == pytest.approx(10 * low, rel=0.02)
 
 
 @pytest.mark.slow
