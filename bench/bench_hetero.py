@@ -303,9 +303,11 @@ def pretrain_rows(plan: Plan, head: str) -> list[dict]:
         figures[f"{embodiment}_episodes"] = n
         total = [total[0] + s, total[1] + n]
     figures["pooled_se"] = round(se(*total), 3)
+    action = json.loads((run_dir / "config.json").read_text())["action"]
+    as_reg = f", AS-Reg weight {action['as_reg_weight']:g}" if "as" in action["layers"].split(",") else ""
     rows = [{"benchmark": f"hetero pretrain: {head}", "metric": f"pooled success, {len(pretrain_embodiments())} "
              "embodiments", "value": round(total[0] / total[1], 3), "goal": "", "met": None, "figures": figures,
-             "notes": f"tiny-cpu preset with the {head} head on hetero_pretrain.yaml; per-embodiment success in the "
+             "notes": f"tiny-cpu preset with the {head} head on hetero_pretrain.yaml{as_reg}; per-embodiment success in the "
                       "figures (LIBERO: official init states; robosuite: seeded resets)"}]
     report = plan.figures / head / "report.json"
     if head in ROUTED_HEADS and report.is_file():
