@@ -66,7 +66,8 @@ STUDY_STEPS = 500
 weight the 3000-step run's AS-Reg loss only went from 3.43 (log 31, routing blind to the descriptor at batch 32) to
 3.23."""
 AS_REG_WEIGHTS = (0.002, 0.1, 1.0)
-"""AS-Reg weights of the as-study: the tiny-cpu preset's, and two that let AS-Reg dominate the router's gradient."""
+"""AS-Reg weights of the as-study: HiMoE's (the tiny-cpu preset's until this study), and two that let AS-Reg dominate
+the router's gradient (0.1 is the tiny-cpu preset's now)."""
 DEMOS = (10, 25)
 """Demonstrations per task of the new robot in the two fine-tuning sizes."""
 
@@ -387,9 +388,9 @@ def as_study_rows(plan: Plan) -> list[dict]:
         figures = {f"layer{e['layer']}_as_{axis.replace(' ', '_')}": round(v["separation"], 3)
                    for e in layers for axis, v in e["specialisation"].items() if axis in ("embodiment", "action space")}
         tb = BL.scalars(run_dir)
-        losses, as_reg = tb.get("loss/loss", []), tb.get("loss/as_reg", [])
+        losses, as_reg = tb.get("loss/action_loss", []), tb.get("loss/as_reg", [])
         steps = losses[-1][0] if losses else 0
-        figures.update(final_loss=final_loss(losses), steps=steps)
+        figures.update(final_action_loss=final_loss(losses), steps=steps)  # the total adds weight x AS-Reg
         if as_reg:
             figures.update(as_reg_first=round(as_reg[0][1], 3), as_reg_last=round(as_reg[-1][1], 3))
         figures.update(router_gradients(run_dir, plan.work / "pretrain.yaml"))
@@ -397,7 +398,7 @@ def as_study_rows(plan: Plan) -> list[dict]:
                      f"layers (mean), AS-Reg weight {weight:g}", "value": round(sum(separation) / len(separation), 3),
                      "goal": "", "met": None, "figures": figures,
                      "notes": f"tiny-cpu head on hetero_pretrain.yaml, {steps} steps, "
-                              f"--action.as_reg_weight {weight:g} (preset: 0.002); routing_report over "
+                              f"--action.as_reg_weight {weight:g}; routing_report over "
                               f"{plan.routing_samples} samples, {run_dir.relative_to(plan.work)}/routing"})
     return rows
 

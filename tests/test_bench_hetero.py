@@ -105,12 +105,12 @@ def test_the_as_study_varies_only_the_as_reg_weight_and_reads_the_as_layers(hete
         (out / "report.json").write_text(json.dumps({"layers": [
             layer(0, "as", 0.2 * i), layer(1, "nm", 0.9), layer(5, "as", 0.4 * i)]}))
     monkeypatch.setattr(module.BL, "scalars", lambda run_dir: {
-        "loss/loss": [(s, 1.0 / s) for s in range(1, 11)], "loss/as_reg": [(1, 3.43), (10, 1.5)]})
+        "loss/action_loss": [(s, 1.0 / s) for s in range(1, 11)], "loss/as_reg": [(1, 3.43), (10, 1.5)]})
     monkeypatch.setattr(module, "router_gradients", lambda run_dir, mixture: {"layer0_as_reg_over_action": 0.5})
     rows = module.as_study_rows(plan)
     assert [r["value"] for r in rows] == pytest.approx([0.0, 0.3, 0.6])  # mean of the two as layers, nm ignored
     assert rows[1]["figures"]["layer5_as_embodiment"] == 0.4 and "layer1_nm_embodiment" not in rows[1]["figures"]
-    assert rows[0]["figures"]["final_loss"] == 0.1 and rows[0]["figures"]["as_reg_last"] == 1.5
+    assert rows[0]["figures"]["final_action_loss"] == 0.1 and rows[0]["figures"]["as_reg_last"] == 1.5
 
 
 def test_router_gradients_weigh_as_reg_against_the_action_loss_on_a_real_policy(write_lerobot_dataset, tmp_path,

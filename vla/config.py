@@ -635,6 +635,12 @@ def _tiny_cpu() -> VLAConfig:
     is trained from scratch (no downloads), so its cost bounds the number of steps an hour buys: RegNetX-200MF at
     96 px is the cheapest encoder measured that learns the task. The frames are decoded into memory once, so the
     loader workers only crop and jitter. Measured step times and success rates: bench/results.md, docs/methods.md.
+
+    AS-Reg weight 0.1, not HiMoE's 2e-3: an `as` router sees only the descriptor, so the action loss and AS-Reg are
+    its only teachers, and at 2e-3 the action loss's gradient dominates it and the last `as` layer sends every
+    robot to one expert. On the five-robot mixture 0.1 separates both `as` layers (0.94 and 0.90 of capacity
+    against 0.43 and 0) at the same action loss; 1.0 separates less (bench_hetero.py, as-study). With one robot
+    AS-Reg has no negatives and is zero, so single-robot training is unchanged.
     """
     return VLAConfig(
         preset="tiny-cpu",
@@ -642,6 +648,7 @@ def _tiny_cpu() -> VLAConfig:
         action=ActionConfig(
             chunk_size=10, n_action_steps=5, width=256, num_heads=4, ffn_dim=1024, expert_ffn_dim=512,
             layers="as,nm,nm,nm,nm,as", nm_num_experts=4, nm_top_k=2, as_num_experts=3, as_top_k=1,
+            as_reg_weight=0.1,
         ),
         objective=ObjectiveConfig(kind="flow", num_inference_steps=5),
         data=DataConfig(image_size=96, unified_action_dim=24, unified_state_dim=24, batch_size=32, num_workers=2,
