@@ -203,8 +203,13 @@ def train(plan: Plan, run: str, args: list[str]) -> tuple[Path, str]:
     return run_dir, "--resume" if read_last(run_dir) == before else "--overwrite"
 
 
+def pretrain_mixture(plan: Plan) -> Path:
+    """The pretraining mixture, pointed at the plan's datasets (written by the arms that train on it)."""
+    return plan.work / "pretrain.yaml"
+
+
 def pretrain(plan: Plan, head: str) -> Path:
-    mixture = write_mixture(plan, PRETRAIN_MIXTURE, plan.work / "pretrain.yaml")
+    mixture = write_mixture(plan, PRETRAIN_MIXTURE, pretrain_mixture(plan))
     run_dir, again = train(plan, f"pre-{head}", ["--preset", "tiny-cpu", "--data.mixture", str(mixture),
                                                  *plan.pre_args, *HEADS[head]])
     for embodiment in pretrain_embodiments():
@@ -225,7 +230,7 @@ def as_study_run(weight: float) -> str:
 
 def as_study(plan: Plan) -> None:
     """Pretrain the tiny-cpu head briefly at each AS-Reg weight and read its routers (report under the run)."""
-    mixture = write_mixture(plan, PRETRAIN_MIXTURE, plan.work / "pretrain.yaml")
+    mixture = write_mixture(plan, PRETRAIN_MIXTURE, pretrain_mixture(plan))
     for weight in AS_REG_WEIGHTS:
         run_dir, _ = train(plan, as_study_run(weight), ["--preset", "tiny-cpu", "--data.mixture", str(mixture),
                                                         *plan.study_args, "--action.as_reg_weight", str(weight)])
@@ -295,6 +300,12 @@ def training_figures(run_dir: Path) -> dict:
             "params_M": round(total_m, 2), "active_params_M": round(active_m, 2)}
 
 
+def separations(layers: list[dict], axes: tuple[str, ...] | None = None) -> dict[str, float]:
+    """`layer<i>_<kind>_<axis>` -> separation, for the layers of a routing report (every axis unless `axes`)."""
+    return {f"layer{e['layer']}_{e['kind']}_{axis.replace(' ', '_')}": round(v["separation"], 3)
+            for e in layers for axis, v in e["specialisation"].items() if axes is None or axis in axes}
+
+
 def pretrain_rows(plan: Plan, head: str) -> list[dict]:
     run_dir = plan.work / f"pre-{head}"
     figures, total = training_figures(run_dir), [0, 0]
@@ -313,8 +324,7 @@ def pretrain_rows(plan: Plan, head: str) -> list[dict]:
     report = plan.figures / head / "report.json"
     if head in ROUTED_HEADS and report.is_file():
         layers = json.loads(report.read_text())["layers"]
-        spec = {f"layer{e['layer']}_{e['kind']}_{axis.replace(' ', '_')}": round(v["separation"], 3)
-                for e in layers for axis, v in e["specialisation"].items()}
+        spec = separations(layers)
         by_embodiment = [e["specialisation"]["embodiment"]["separation"] for e in layers]
         rows.append({"benchmark": f"hetero routing: {head}", "metric": "separation of embodiments (MI / log2 "
                      "min(embodiments, experts)), mean over routed layers",
@@ -365,16 +375,19 @@ def router_gradients(run_dir: Path, mixture: Path, batches: int = 4) -> dict[str
     action = policy.config.action
     routers = {i: list(policy.head.transformer.blocks[i].ffn.router.parameters())
                for i, kind in enumerate(action.layer_kinds) if kind == "as"}
-    sums = {(name, i): 0.0 for name in ("action", "as_reg") for i in routers}
+    layer_of = [i for i, ps in routers.items() for _ in ps]  # the layer of each entry of `params`
+    params = [p for ps in routers.values() for p in ps]
+    sums = {name: [torch.zeros_like(p) for p in params] for name in ("action", "as_reg")}
     for batch in itertools.islice(mixture_batches(policy, str(mixture), 32), batches):
         losses = policy(batch)
         for name, loss in (("action", losses["action_loss"]), ("as_reg", losses["as_reg"] * action.as_reg_weight)):
-            for i, params in routers.items():
-                grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-                sums[name, i] = sums[name, i] + torch.cat([
-                    (g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)])
-    return {f"layer{i}_as_reg_over_action": round(float(sums["as_reg", i].norm() / sums["action", i].norm()), 3)
-            for i in routers}
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)  # one backward a loss
+            sums[name] = [s if g is None else s + g for s, g in zip(sums[name], grads, strict=True)]
+
+    def norm(name: str, layer: int) -> float:
+        return float(torch.cat([g.flatten() for g, i in zip(sums[name], layer_of, strict=True) if i == layer]).norm())
+
+    return {f"layer{i}_as_reg_over_action": round(norm("as_reg", i) / norm("action", i), 3) for i in routers}
 
 
 def as_study_rows(plan: Plan) -> list[dict]:
@@ -385,15 +398,14 @@ def as_study_rows(plan: Plan) -> list[dict]:
         layers = [e for e in json.loads((run_dir / "routing" / "report.json").read_text())["layers"]
                   if e["kind"] == "as"]
         separation = [e["specialisation"]["embodiment"]["separation"] for e in layers]
-        figures = {f"layer{e['layer']}_as_{axis.replace(' ', '_')}": round(v["separation"], 3)
-                   for e in layers for axis, v in e["specialisation"].items() if axis in ("embodiment", "action space")}
+        figures = separations(layers, ("embodiment", "action space"))
         tb = BL.scalars(run_dir)
         losses, as_reg = tb.get("loss/action_loss", []), tb.get("loss/as_reg", [])
         steps = losses[-1][0] if losses else 0
         figures.update(final_action_loss=final_loss(losses), steps=steps)  # the total adds weight x AS-Reg
         if as_reg:
             figures.update(as_reg_first=round(as_reg[0][1], 3), as_reg_last=round(as_reg[-1][1], 3))
-        figures.update(router_gradients(run_dir, plan.work / "pretrain.yaml"))
+        figures.update(router_gradients(run_dir, pretrain_mixture(plan)))
         rows.append({"benchmark": "hetero as-router study: tiny-cpu", "metric": f"embodiment separation of the as "
                      f"layers (mean), AS-Reg weight {weight:g}", "value": round(sum(separation) / len(separation), 3),
                      "goal": "", "met": None, "figures": figures,
