@@ -291,11 +291,14 @@ def final_loss(losses: list[tuple[int, float]]) -> float | None:
 
 
 def training_figures(run_dir: Path) -> dict:
+    """A run's losses, speed and size. `final_loss` is the objective trained (action loss plus each router loss times
+    its weight), so it moves with the AS-Reg weight and the head; `final_action_loss` compares heads."""
     tb = BL.scalars(run_dir)
     losses = tb.get("loss/loss", [])
     rates = sorted(v for _, v in tb.get("perf/steps_per_s", []))
     total_m, active_m = BL.head_parameters(run_dir)
-    return {"final_loss": final_loss(losses), "steps": losses[-1][0] if losses else 0,
+    return {"final_loss": final_loss(losses), "final_action_loss": final_loss(tb.get("loss/action_loss", [])),
+            "steps": losses[-1][0] if losses else 0,
             "train_steps_per_s": round(rates[len(rates) // 2], 3) if rates else None,
             "params_M": round(total_m, 2), "active_params_M": round(active_m, 2)}
 

@@ -113,6 +113,17 @@ def test_the_as_study_varies_only_the_as_reg_weight_and_reads_the_as_layers(hete
     assert rows[0]["figures"]["final_action_loss"] == 0.1 and rows[0]["figures"]["as_reg_last"] == 1.5
 
 
+def test_training_figures_keep_the_action_loss_apart_from_the_weighted_router_losses(hetero, monkeypatch):
+    module, plan, _ = hetero
+    monkeypatch.setattr(module.BL, "scalars", lambda run_dir: {
+        "loss/loss": [(s, 0.5) for s in range(1, 21)], "loss/action_loss": [(s, 0.2) for s in range(1, 21)],
+        "perf/steps_per_s": [(10, 1.0), (20, 1.2), (30, 1.1)]})
+    monkeypatch.setattr(module.BL, "head_parameters", lambda run_dir: (8.7, 5.55))
+    figures = module.training_figures(plan.work / "pre-tiny-cpu")
+    assert figures["final_loss"] == 0.5 and figures["final_action_loss"] == 0.2  # heads compare on the second
+    assert figures["steps"] == 20 and figures["train_steps_per_s"] == 1.1
+
+
 def test_router_gradients_weigh_as_reg_against_the_action_loss_on_a_real_policy(write_lerobot_dataset, tmp_path,
                                                                                   monkeypatch):
     """On a two-robot mixture the weighted AS-Reg moves the `as` router: ten times the weight, ten times the ratio
