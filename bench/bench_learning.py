@@ -10,6 +10,14 @@ they run. The arms:
     himoe        HiMoE pattern as,hb,hb,hb,hb,as          active FFN width 1024 per layer
     mode         MoDE pattern nm x 6 (4 x 512, top-2)      active FFN width 1024 per layer
     dense        d x 6, FFN 1024                           the active width of the two MoE arms
+    himoe-ref    the himoe arm's pattern with every action option of the `himoe-paligemma` preset (HiMoE-VLA's
+                 recipe: SwiGLU experts, 32 hb experts top-4, RMSNorm, time fused into the action tokens,
+                 token-level AS-Reg and HB-Reg summed over layers, 10 flow steps, 10 actions per query)
+    mode-ref     the mode arm's pattern with every action and objective option of the `mode` preset (MoDE's
+                 recipe: SwiGLU experts, MLP router, multinomial selection in training, shared noise shift,
+                 EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, 10 actions per query);
+                 the two `-ref` arms keep tiny-cpu's width, heads and FFN ratios (`reference_overrides`), so each
+                 reads against its earlier arm as the reference options' effect at this size
     panda+ur5e   the preset on LIBERO Panda + robosuite UR5e (`datasets/mixtures/libero_ur5e.yaml`); the table
                  gives its LIBERO success next to `tiny-cpu`'s, and `bench/routing_panda+ur5e.png` plots the expert
                  usage of each routed layer per embodiment at the end of training
@@ -97,6 +105,54 @@ MOH_THRESHOLD = "0.015"
 Measured on this arm: 0.01 -> 62 % at 8.6 actions per query, 0.015 -> 66 % at 13.0 (fixed 5: 71 %, fixed 10: 64 %)."""
 
 
+def reference_overrides(preset: str, layers: str) -> tuple[str, ...]:
+    """train.py flags that turn the tiny-cpu preset into the reference recipe of `preset` at tiny-cpu's size.
+
+    Every `action.*` and `objective.*` field is the reference preset's (expert counts, top-k, activations, norms,
+    router form, regularisers and their reduction over layers, time fusion, objective and sampler, chunk and
+    actions executed per query), except the size: tiny-cpu's width and heads, the given layer pattern at tiny-cpu's
+    depth, and FFN widths scaled by the width ratio (4096 at width 1024 -> 1024 at 256), so each hidden width keeps
+    its ratio to the model width. Encoder, data and training schedule stay tiny-cpu's, equal for every arm. Read
+    from the preset, never retyped, so an arm follows its preset when a reference option changes."""
+    from vla.config import field_types, get_preset
+
+    ref, tiny = get_preset(preset), get_preset("tiny-cpu")
+    scale = tiny.action.width / ref.action.width
+    flags: list[str] = []
+    for name in field_types():
+        section, *path = name.split(".")
+        if section not in ("action", "objective"):
+            continue
+        value, tiny_value = _dotted(ref, name), _dotted(tiny, name)
+        if name in ("action.width", "action.num_heads"):
+            continue
+        if name == "action.layers":
+            value = layers
+        elif name in REF_FFN_FIELDS:
+            value = round(value * scale)
+        if value != tiny_value:
+            flags += [f"--{name}", _flag_value(value)]
+    return tuple(flags)
+
+
+REF_FFN_FIELDS = ("action.ffn_dim", "action.expert_ffn_dim", "action.hb_expert_ffn_dim")
+"""Hidden widths a reference arm scales with the model width (0 stays 0: 'the FFN width')."""
+
+
+def _dotted(obj: object, name: str) -> object:
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _flag_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 TINY_CPU_BATCH = 32  # the tiny-cpu preset's, which the lerobot arm matches
 LEROBOT_STEPS = 2400
 """The lerobot arm's steps: half the preset's 4800, because at 2.5 s a step on 2 cores (5.7 s with U-Net widths
@@ -121,6 +177,14 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
                ("eval-fixed5", ("--replan-steps", "5")), ("eval-fixed10", ("--replan-steps", "10"))),
         tune=tuple((f"val-threshold{t}", ("--policy-set", f"action.moh.agreement_threshold={t}"))
                    for t in MOH_THRESHOLDS)),
+    Arm("himoe-ref", "HiMoE-VLA's recipe (the himoe-paligemma preset's action options) at tiny-cpu's size, the "
+        "himoe arm's pattern as,hb,hb,hb,hb,as: SwiGLU as 3 x 1024 top-1, hb 32 x 256 top-4 + 1 shared, RMSNorm, "
+        "time fused into each action token, token-level AS-Reg and HB-Reg summed over layers, 10 Euler steps, "
+        "10 actions per query", reference_overrides("himoe-paligemma", "as,hb,hb,hb,hb,as")),
+    Arm("mode-ref", "MoDE's recipe (the mode preset's action and objective options) at tiny-cpu's size, the mode "
+        "arm's pattern nm x 6: SwiGLU 4 x 1024 top-2, MLP router, multinomial selection in training, one shared "
+        "noise shift, RMSNorm, EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, "
+        "10 actions per query", reference_overrides("mode", "nm,nm,nm,nm,nm,nm")),
     Arm("tiny-cpu-2400", f"the preset on the lerobot arm's {LEROBOT_STEPS}-step schedule (its learning-rate schedule "
         "compressed to those steps): the row the lerobot arm is read against", steps=LEROBOT_STEPS),
     Arm("lerobot-diffusion", "lerobot DiffusionPolicy (ResNet-18, U-Net 128-256-512, DDIM 10 steps), same batch, "

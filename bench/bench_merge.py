@@ -8,7 +8,7 @@ low-rank + sparse compression, and naive uniform averaging of the same groups. R
 unmerged model, all on the same calibration / held-out observations of the arm's own training mixture:
 
 - parameters of the whole policy and of the expert banks (memory in MiB at the stored dtype; with compression the
-  factored store `merge_report.json` describes: the loaded model keeps the dense reconstruction);
+  loaded model's factored banks: low-rank factors, sparse columns' values and their indices);
 - inference ms per chunk (batch 1, expert cache on, median of repeats, this process's threads);
 - held-out flow loss (fixed noise and times) with its standard error over batches, and the mean squared deviation
   of the predicted chunk from the unmerged model's (same noise).
@@ -128,10 +128,10 @@ def display(path: Path | str) -> str:
 
 
 def expert_params(policy: VLAPolicy) -> tuple[int, int]:
-    """(parameters, bytes) of every routed layer's expert bank."""
-    banks = [ffn.experts for ffn in routed_layers(policy).values()]
-    n = sum(b.w_in.numel() + b.w_out.numel() for b in banks)
-    return n, sum(b.w_in.numel() * b.w_in.element_size() + b.w_out.numel() * b.w_out.element_size() for b in banks)
+    """(numbers, bytes) every routed layer's expert bank holds: its parameters and buffers (a factored bank's column
+    indices), not the dense `w_in`/`w_out` a factored bank reconstructs on access."""
+    tensors = [t for ffn in routed_layers(policy).values() for t in (*ffn.experts.parameters(), *ffn.experts.buffers())]
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.no_grad()
@@ -243,14 +243,9 @@ def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool, arm_dir: P
                       f"{display(data)}"}]
     for label, groups in group_counts(policy, quick):
         for method, compress in (("mcsmoe", False), ("mcsmoe", True), ("uniform", False)):
-            merged, reports = merge_policy(policy, calibration, groups, method=method,
-                                           rank=rank if compress else None, sparse_fraction=0.05,
-                                           checkpoint_dir=ckpt)
-            experts, nbytes = expert_params(merged)
-            if compress:  # the factored store's size (the loaded model holds the dense reconstruction)
-                unmerged_kinds = experts - sum(r.expert_params[1] for r in reports)
-                experts = unmerged_kinds + sum(r.compressed_params for r in reports)
-                nbytes = experts * merged.head.transformer.blocks[0].attn.qkv.weight.element_size()
+            merged, _ = merge_policy(policy, calibration, groups, method=method, rank=rank if compress else None,
+                                     sparse_fraction=0.05, checkpoint_dir=ckpt)
+            experts, nbytes = expert_params(merged)  # with compression: the factored banks the model holds
             loss, se, _, dev = held_out(merged, evaluation, reference)
             variant = f"{label} {method}" + (f" + rank {rank}" if compress else "")
             rows.append({
@@ -261,7 +256,7 @@ def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool, arm_dir: P
                             "expert_MiB": nbytes / 2**20, "ms_per_chunk": ms_per_chunk(merged, evaluation[0], repeats),
                             "ms_per_chunk_unmerged": base_ms, "heldout_loss": loss, "heldout_loss_se": se,
                             "heldout_loss_unmerged": base_loss, "chunk_msd_vs_unmerged": dev},
-                "notes": "compressed: factored store size; the checkpoint holds the dense reconstruction"
+                "notes": "compressed: the loaded model's factored expert banks (factors, sparse values, indices)"
                 if compress else "",
             })
             logger.info("%s %s: %s", name, variant, json.dumps(rows[-1]["figures"]))

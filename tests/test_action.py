@@ -182,6 +182,25 @@ def test_cached_sampling_equals_uncached(layers, kind):
         assert len({tuple(v) for v in steps.values()}) > 1, "noise routing should differ across steps"
 
 
+def test_cached_sampling_equals_uncached_with_factored_expert_banks():
+    """Expert banks stored as low rank + sparse columns (as `merge_experts --rank` writes them) stay cache-exact."""
+    head = build("as,hb,nm,d", as_num_experts=3, as_top_k=2, factored_kinds=("as", "hb", "nm"), expert_rank=4,
+                 expert_sparse_fraction=0.1)
+    with torch.no_grad():
+        for block in head.transformer.blocks[:3]:
+            assert isinstance(block.ffn.experts, moe_module.FactoredExpertBank)
+            for m in (block.ffn.experts.w_in_factors, block.ffn.experts.w_out_factors):
+                m.values.normal_(std=0.02)  # a sparse part that is not zero
+                m.columns.copy_(torch.stack([torch.randperm(m.v.shape[-1])[:m.columns.shape[1]] for _ in m.u]))
+    _spread_routers(head)
+    head.eval()
+    batch, noise = make_batch(), torch.randn(6, 4, A)
+    uncached = head.sample(*sample_args(batch), noise=noise, use_expert_cache=False)
+    cached = head.sample(*sample_args(batch), noise=noise, use_expert_cache=True)
+    assert len(head.expert_cache) > 0
+    torch.testing.assert_close(cached.actions, uncached.actions, rtol=0, atol=1e-5)
+
+
 def test_cache_is_rebuilt_when_weights_change():
     head = build("as,nm")
     _spread_routers(head)
@@ -294,6 +313,9 @@ def test_router_z_loss_is_reported_and_weighted_when_enabled():
     ({"width": 30, "num_heads": 4}, "divisible"),
     ({"router_jitter": 1.5}, "router_jitter"),
     ({"hb_num_shared": -1, "layers": "hb"}, "hb_num_shared"),
+    ({"layers": "d,as", "factored_kinds": ("hb",), "expert_rank": 4}, "factored_kinds must name routed kinds"),
+    ({"layers": "d,as", "factored_kinds": ("as",), "expert_rank": 32}, r"expert_rank must be in \[1, 31\]"),
+    ({"layers": "d,as", "expert_rank": 4}, "must be 0 when factored_kinds is empty"),
     ({"moh": HorizonConfig(horizons=(2, 3))}, "end at"),
     ({"moh": HorizonConfig(horizons=(3, 2, 4))}, "strictly increasing"),
     ({"moh": HorizonConfig(horizons=(2, 4), min_execute=3, max_execute=2)}, "max_execute"),

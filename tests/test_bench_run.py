@@ -327,3 +327,32 @@ def test_merged_variants_are_scored_with_the_arms_own_protocol(monkeypatch, tmp_
     assert len(commands) == 2  # merged from a retrained arm: merged and evaluated again
     row = module.libero_row("tiny-cpu", "K=1 mcsmoe", summary, local["summary"])
     assert row["value"] == 0.6 and row["figures"]["difference"] == pytest.approx(-0.24)
+
+
+@pytest.mark.parametrize(("arm_name", "preset", "old_arm"), [("himoe-ref", "himoe-paligemma", "himoe"),
+                                                           ("mode-ref", "mode", "mode")])
+def test_a_reference_arm_is_its_preset_at_tiny_cpu_size(monkeypatch, arm_name, preset, old_arm):
+    """Every action and objective option of the reference preset reaches the arm's config; only the size is
+    tiny-cpu's (width, heads, the old arm's layer pattern, FFN widths at the preset's ratio to the width)."""
+    from vla.config import apply_overrides, field_types, get_preset
+
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    flags = module.ARMS[arm_name].overrides
+    overrides = dict(zip((f.removeprefix("--") for f in flags[::2]), flags[1::2], strict=True))
+    cfg = apply_overrides(get_preset("tiny-cpu"), overrides)
+    old = apply_overrides(get_preset("tiny-cpu"), dict(zip(
+        (f.removeprefix("--") for f in module.ARMS[old_arm].overrides[::2]), module.ARMS[old_arm].overrides[1::2],
+        strict=True)))
+    ref, tiny = get_preset(preset), get_preset("tiny-cpu")
+    assert cfg.action.layers == old.action.layers  # the comparison with the earlier arm changes the options only
+    assert (cfg.action.width, cfg.action.num_heads) == (tiny.action.width, tiny.action.num_heads)
+    assert cfg.backbone == tiny.backbone and cfg.train == tiny.train and cfg.data == tiny.data
+    for name in field_types():
+        section, _, leaf = name.partition(".")
+        if section not in ("action", "objective") or leaf in ("width", "num_heads", "layers"):
+            continue
+        mine, theirs = module._dotted(cfg, name), module._dotted(ref, name)
+        if leaf.endswith("ffn_dim"):
+            assert mine * ref.action.width == theirs * tiny.action.width, name  # 4096 at 1024 -> 1024 at 256
+        else:
+            assert mine == theirs, name

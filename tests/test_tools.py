@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shlex
@@ -14,16 +15,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from vla.action.moe import FactoredExpertBank, FactoredLinear
 from vla.config import get_preset
 from vla.constants import ACTION, ACTION_IS_PAD, ACTION_MASK, OBS_STATE, STATE_MASK
 from vla.data.normalize import Normalizer
 from vla.data.transforms import Processor, collate_frames
 from vla.policy import VLAPolicy
-from vla.tools.calibration import collect_routing
+from vla.tools.calibration import collect_routing, routed_layers
 from vla.tools.merge_experts import main as merge_main
 from vla.tools.merge_experts import merge_policy
-from vla.tools.merging import group_experts, match_neurons, merge_group, permute_neurons, remap_router_rows
+from vla.tools.merging import (
+    compress_matrix,
+    group_experts,
+    match_neurons,
+    merge_group,
+    permute_neurons,
+    remap_router_rows,
+)
 from vla.tools.routing_report import distil_router, mutual_information, separation
 from vla.tools.tree import DecisionTree
 
@@ -167,6 +177,121 @@ def test_merged_and_compressed_checkpoint_loads_acts_and_stays_cache_exact(polic
     assert len(loaded.head.expert_cache) > 0 and torch.isfinite(cached).all()
     torch.testing.assert_close(cached, routed, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(routed, chunk(policy, batch, noise, False), atol=1e-4)  # it is another model
+    banks = [ffn.experts for ffn in routed_layers(loaded).values()]
+    assert all(isinstance(bank, FactoredExpertBank) for bank in banks)  # the loaded model holds the factors
+    stored = sum(t.numel() for bank in banks for t in (*bank.parameters(), *bank.buffers()))
+    assert stored == sum(r.compressed_params for r in reports)
+
+
+# ---- the factored expert bank ------------------------------------------------------------------------------------
+
+
+def random_factored_bank(activation: str = "gelu") -> FactoredExpertBank:
+    """4 experts of width 16, hidden 24, rank 3, 20 % sparse columns, every factor random (columns per expert)."""
+    torch.manual_seed(0)
+    bank = FactoredExpertBank(4, 16, 24, activation, rank=3, sparse_fraction=0.2)
+    with torch.no_grad():
+        for m in (bank.w_in_factors, bank.w_out_factors):
+            for t in (m.u, m.v, m.values):
+                t.normal_(std=0.3)
+            n, keep = m.v.shape[-1], m.columns.shape[1]
+            m.columns.copy_(torch.stack([torch.randperm(n)[:keep] for _ in range(4)]))
+    return bank
+
+
+def test_factored_bank_reconstruction_is_low_rank_plus_scattered_columns_exactly():
+    bank = random_factored_bank("swiglu")
+    assert bank.w_in.shape == (4, 48, 16) and bank.w_out.shape == (4, 16, 24)  # ExpertBank's shapes
+    for dense, m in ((bank.w_in, bank.w_in_factors), (bank.w_out, bank.w_out_factors)):
+        assert m.columns.dtype == torch.long and m.columns.shape == (4, math.ceil(0.2 * m.v.shape[-1]))
+        with torch.no_grad():
+            for e in range(4):
+                want = m.u[e] @ m.v[e]
+                want[:, m.columns[e]] += m.values[e]
+                assert torch.equal(dense[e], want)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_factored_bank_fused_experts_equal_its_routed_forward(activation):
+    """The expert cache's path: a FusedMLP computing on the factors (no dense copy) against the routed forward."""
+    bank = random_factored_bank(activation)
+    x = torch.randn(7, 16)
+    experts, weights = torch.tensor([3, 1]), torch.tensor([0.7, 0.3])
+    fused = bank.fuse(experts, weights)
+    assert all(isinstance(w, FactoredLinear) for w in (*fused.w_in, *fused.w_out))
+    routed = bank(x, experts.expand(7, 2), weights.expand(7, 2))
+    torch.testing.assert_close(fused(x), routed, rtol=0, atol=1e-5)
+
+
+def densified(policy: VLAPolicy) -> VLAPolicy:
+    """The same policy with every factored expert bank replaced by an ExpertBank holding its dense reconstruction."""
+    config = dataclasses.replace(policy.config, action=dataclasses.replace(
+        policy.config.action, factored_kinds=(), expert_rank=0, expert_sparse_fraction=0.0))
+    state = {k: v for k, v in policy.state_dict().items() if "_factors." not in k}
+    names = {id(m): n for n, m in policy.named_modules()}
+    for ffn in routed_layers(policy).values():
+        prefix = names[id(ffn.experts)]
+        state[f"{prefix}.w_in"], state[f"{prefix}.w_out"] = ffn.experts.w_in.detach(), ffn.experts.w_out.detach()
+    dense = VLAPolicy(config, registry=policy.registry, normalizer=policy.normalizer)
+    dense.load_state_dict(state, strict=True)
+    return dense.eval()
+
+
+def test_rank_merge_saves_the_factors_in_a_smaller_file_that_acts_like_the_dense_reconstruction(policy, calibration,
+                                                                                                  tmp_path):
+    groups = {"as": 2, "hb": 2, "nm": 2}
+    merge_policy(policy, calibration, groups)[0].save_pretrained(tmp_path / "dense")
+    merged, _ = merge_policy(policy, calibration, groups, rank=8, sparse_fraction=0.1)
+    merged.save_pretrained(tmp_path / "factored")
+    files = {name: tmp_path / name / "model.safetensors" for name in ("dense", "factored")}
+    assert files["factored"].stat().st_size < files["dense"].stat().st_size
+
+    saved = load_file(str(files["factored"]))
+    experts = sorted(k for k in saved if ".experts." in k)
+    assert not any(k.endswith((".w_in", ".w_out")) for k in experts)  # no dense expert matrix is stored
+    width, hidden = 32, 64
+    for name, (m, n) in {"w_in": (hidden, width), "w_out": (width, hidden)}.items():
+        keep = math.ceil(0.1 * n)
+        for layer in range(3):  # as, hb, nm: 2 merged experts each
+            key = f"head.transformer.blocks.{layer}.ffn.experts.{name}_factors"
+            assert saved[f"{key}.u"].shape == (2, m, 8) and saved[f"{key}.v"].shape == (2, 8, n)
+            assert saved[f"{key}.values"].shape == (2, m, keep) and saved[f"{key}.columns"].shape == (2, keep)
+            assert saved[f"{key}.columns"].dtype == torch.int64
+
+    loaded = VLAPolicy.from_pretrained(tmp_path / "factored")
+    a = loaded.config.action
+    assert (a.factored_kinds, a.expert_rank, a.expert_sparse_fraction) == (("as", "hb", "nm"), 8, 0.1)
+    dense = densified(loaded)
+    batch, noise = batches(policy, 1)[0], torch.randn(4, 4, 16)
+    for cache in (False, True):
+        torch.testing.assert_close(chunk(loaded, batch, noise, cache), chunk(dense, batch, noise, cache), rtol=0,
+                                   atol=1e-5)
+
+
+def test_the_reconstruction_keeps_each_matrix_s_largest_residual_columns():
+    torch.manual_seed(0)
+    w = torch.randn(12, 20)
+    c = compress_matrix(w, rank=3, sparse_fraction=0.25)
+    assert c.columns.shape == (5,) and c.u.shape == (12, 3) and c.v.shape == (3, 20)
+    residual = w.double() - (c.u @ c.v).double()
+    assert set(c.columns.tolist()) == set(residual.norm(dim=0).topk(5).indices.tolist())
+    torch.testing.assert_close(c.dense[:, c.columns], w[:, c.columns], rtol=0, atol=1e-5)  # kept columns exact
+    assert c.params == 3 * (12 + 20) + 5 * 12 + 5
+
+
+def test_merging_a_factored_checkpoint_again_keeps_the_kinds_it_leaves_factored(policy, calibration):
+    factored, _ = merge_policy(policy, calibration, {"as": 2, "hb": 2, "nm": 2}, rank=8, sparse_fraction=0.1)
+    again = collect_routing(factored, batches(factored, 2), max_samples=8)
+    with pytest.raises(ValueError, match=re.escape("kinds ['hb', 'nm'] stay factored at rank 8")):
+        merge_policy(factored, again, {"as": 1}, rank=4, sparse_fraction=0.1)
+    merged, _ = merge_policy(factored, again, {"as": 1})  # as becomes a dense bank of one expert
+    assert merged.config.action.factored_kinds == ("hb", "nm")
+    layers = routed_layers(merged)
+    assert not isinstance(layers[0].experts, FactoredExpertBank)
+    assert all(isinstance(layers[i].experts, FactoredExpertBank) for i in (1, 2))
+    before, after = factored.state_dict(), merged.state_dict()
+    kept = [k for k in before if ".blocks.1.ffn." in k or ".blocks.2.ffn." in k]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)  # the unmerged factored layers are copied
 
 
 # ---- the routing report ----------------------------------------------------------------------------------------

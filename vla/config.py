@@ -188,6 +188,13 @@ class ActionConfig:
         dense_activation: FFN of `d` layers: "gelu", "geglu" (HiMoE's Gemma dense layers) or "swiglu".
         expert_activation: FFN of every routed and shared expert: "gelu", "geglu" or "swiglu" (HiMoE, MoDE).
         dropout: dropout inside the transformer.
+        factored_kinds: routed kinds ("as", "hb", "nm") whose expert banks store every expert matrix W (m x n) as
+            U (m x r) @ V (r x n) plus a column-sparse residual (`FactoredExpertBank`), as `merge_experts --rank`
+            writes them; () keeps every bank dense.
+        expert_rank: r of the factored banks (0 when `factored_kinds` is empty, else in [1, min(width, expert
+            hidden width) - 1]).
+        expert_sparse_fraction: each factored matrix (m x n) keeps ceil(fraction * n) residual columns, chosen per
+            matrix (0 when `factored_kinds` is empty, else in [0, 1)).
         expert_cache: fuse the experts of token-independent routers per (embodiment, denoising step) in eval mode.
         track_routing: accumulate expert-usage histograms for `routing_stats()` (one small host copy per forward).
         moh: Mixture of Horizons settings.
@@ -227,6 +234,9 @@ class ActionConfig:
     dense_activation: Literal["gelu", "geglu", "swiglu"] = "gelu"
     expert_activation: Literal["gelu", "geglu", "swiglu"] = "gelu"
     dropout: float = 0.0
+    factored_kinds: tuple[str, ...] = ()
+    expert_rank: int = 0
+    expert_sparse_fraction: float = 0.0
     expert_cache: bool = True
     track_routing: bool = True
     moh: HorizonConfig = field(default_factory=HorizonConfig)
@@ -238,6 +248,36 @@ class ActionConfig:
     @property
     def depth(self) -> int:
         return len(self.layer_kinds)
+
+    def expert_hidden(self, kind: str) -> int:
+        """Hidden width of one expert of a routed kind (hb's own width, else expert_ffn_dim, else ffn_dim)."""
+        hidden = self.expert_ffn_dim or self.ffn_dim
+        return (self.hb_expert_ffn_dim or hidden) if kind == "hb" else hidden
+
+    def expert_factoring(self, kind: str) -> tuple[int, float]:
+        """(rank, sparse fraction) of a routed kind's expert bank; rank 0 is a dense bank."""
+        if kind in self.factored_kinds:
+            return self.expert_rank, self.expert_sparse_fraction
+        return 0, 0.0
+
+    def _validate_factoring(self, kinds: list[str]) -> None:
+        """factored_kinds names routed kinds the layers have, once each; rank and fraction fit them (or are 0)."""
+        factored, rank, fraction = self.factored_kinds, self.expert_rank, self.expert_sparse_fraction
+        fields = (f"action.factored_kinds={list(factored)}, action.expert_rank={rank}, "
+                  f"action.expert_sparse_fraction={fraction}")
+        if not factored:
+            if rank != 0 or fraction != 0:
+                raise ConfigError(f"{fields}: expert_rank and expert_sparse_fraction must be 0 when factored_kinds "
+                                  f"is empty (they would apply to no layer)")
+            return
+        present = [k for k in ("as", "hb", "nm") if k in kinds]
+        if len(set(factored)) != len(factored) or any(k not in present for k in factored):
+            raise ConfigError(f"{fields}: factored_kinds must name routed kinds of action.layers once each "
+                              f"(routed kinds here: {present})")
+        limit = min(self.width, *(self.expert_hidden(k) for k in factored))
+        if not 1 <= rank < limit or not 0 <= fraction < 1:
+            raise ConfigError(f"{fields}: expert_rank must be in [1, {limit - 1}] (below the smaller side of every "
+                              f"factored expert matrix) and expert_sparse_fraction in [0, 1)")
 
     def validate(self) -> None:
         _check_positive(self, "chunk_size", "n_action_steps", "width", "num_heads", "ffn_dim")
@@ -266,6 +306,7 @@ class ActionConfig:
                 raise ConfigError(f"action.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.as_reg_temperature <= 0:
             raise ConfigError(f"action.as_reg_temperature must be > 0, got {self.as_reg_temperature}")
+        self._validate_factoring(kinds)
         _check_choice(self, "action.", nm_router=("linear", "mlp"), nm_selection=("topk", "multinomial"),
                       nm_balance_form=("switch", "mode"), as_reg_form=("sample", "token"),
                       loss_layer_reduction=("mean", "reference"), noise_shift=("per_layer", "shared"),

@@ -11,10 +11,14 @@ Three routed kinds share one expert bank and one dispatch:
 `as` and `nm` are token-independent, so at inference their routing is fixed by (embodiment, denoising step). The
 decision is then frozen into a `FusedMLP` (the selected experts with their router weights) kept in an
 `ExpertCache`: a cached forward is a dense forward of the active width, with no router, no sort and no gather.
+
+A kind's experts can also be stored compressed (`FactoredExpertBank`: low rank plus column-sparse residual per
+matrix, as `vla.tools.merge_experts --rank` writes them), behind the same bank interface.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -187,12 +191,13 @@ class FusedMLP:
     steps), while k dense matmuls on views stream exactly the same bytes as one matmul on their concatenation.
 
     Attributes:
-        w_in: k views (F, D); w_out: k views (D, F); weights: (k,) router weights; experts: (k,) expert ids;
+        w_in: k views (F, D); w_out: k views (D, F); for a `FactoredExpertBank` a `FactoredLinear` of views each.
+        weights: (k,) router weights; experts: (k,) expert ids;
         hits: (1, E) long, the decision as one sample's expert counts (for `RouterRecord.counts`).
     """
 
-    w_in: tuple[Tensor, ...]
-    w_out: tuple[Tensor, ...]
+    w_in: tuple[Tensor | FactoredLinear, ...]
+    w_out: tuple[Tensor | FactoredLinear, ...]
     weights: Tensor
     experts: Tensor
     hits: Tensor
@@ -201,9 +206,33 @@ class FusedMLP:
     def __call__(self, x: Tensor) -> Tensor:
         y = None
         for w_in, w_out, w in zip(self.w_in, self.w_out, self.weights.to(x.dtype).unbind(), strict=True):
-            part = F.linear(activate(F.linear(x, w_in), self.activation), w_out) * w
+            part = _linear(activate(_linear(x, w_in), self.activation), w_out) * w
             y = part if y is None else y + part
         return y
+
+
+def _linear(x: Tensor, weight: Tensor | FactoredLinear) -> Tensor:
+    return F.linear(x, weight) if isinstance(weight, Tensor) else weight(x)
+
+
+def _hits(experts: Tensor, num_experts: int) -> Tensor:
+    """experts: (k,) ids -> (1, E) long, one sample's expert counts."""
+    hits = torch.zeros(1, num_experts, dtype=torch.long, device=experts.device)
+    hits[0, experts] = 1
+    return hits
+
+
+def dispatch(x: Tensor, index: Tensor, weights: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
+    """The sorted grouped dispatch of `ExpertBank.forward` on dense (E, I, D) / (E, D, F) weights."""
+    n, k = index.shape
+    flat = index.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w_in.shape[0])
+    xs = x.index_select(0, order // k)
+    hidden = activate(grouped_linear(xs, w_in, counts), activation)
+    ys = grouped_linear(hidden, w_out, counts) * weights.reshape(-1, 1).index_select(0, order)
+    out = ys.new_zeros(n * k, w_out.shape[1]).index_copy(0, order, ys)
+    return rearrange(out, "(n k) d -> n k d", k=k).sum(dim=1)
 
 
 class ExpertBank(nn.Module):
@@ -224,24 +253,124 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
         """x: (N, D), index: (N, k) long, weights: (N, k) -> (N, D) = sum_k weights * expert_index(x)."""
-        n, k = index.shape
-        flat = index.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        xs = x.index_select(0, order // k)
-        hidden = activate(grouped_linear(xs, self.w_in, counts), self.activation)
-        ys = grouped_linear(hidden, self.w_out, counts) * weights.reshape(-1, 1).index_select(0, order)
-        out = ys.new_zeros(n * k, self.width).index_copy(0, order, ys)
-        return rearrange(out, "(n k) d -> n k d", k=k).sum(dim=1)
+        return dispatch(x, index, weights, self.w_in, self.w_out, self.activation)
 
     def fuse(self, experts: Tensor, weights: Tensor) -> FusedMLP:
         """Freeze experts (k,) with router weights (k,) into a `FusedMLP` over views of this bank."""
         ids = experts.tolist()
-        hits = torch.zeros(1, self.num_experts, dtype=torch.long, device=experts.device)
-        hits[0, experts] = 1
         return FusedMLP(w_in=tuple(self.w_in[e].detach() for e in ids),
                         w_out=tuple(self.w_out[e].detach() for e in ids), weights=weights.detach(), experts=experts,
-                        hits=hits, activation=self.activation)
+                        hits=_hits(experts, self.num_experts), activation=self.activation)
+
+
+@dataclass
+class FactoredLinear:
+    """One factored matrix W = U V + S as a linear map, x -> x W^T, computed without forming W:
+    (x V^T) U^T plus the kept input columns x[..., columns] times their values^T.
+
+    Attributes:
+        u: (m, r); v: (r, n); columns: (keep,) long, the columns of S that are not zero; values: (m, keep) them.
+    """
+
+    u: Tensor
+    v: Tensor
+    columns: Tensor
+    values: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = F.linear(F.linear(x, self.v), self.u)
+        if self.columns.numel():
+            y = y + F.linear(x.index_select(-1, self.columns), self.values)
+        return y
+
+
+class LowRankSparse(nn.Module):
+    """E matrices (m, n), each stored as W_e = U_e V_e + S_e: U_e (m, r), V_e (r, n), and S_e zero except in `keep`
+    columns, of which it stores the indices (a long buffer, chosen per matrix) and the values.
+
+    `keep` is the same for every matrix of the bank (ceil(sparse_fraction * n) in merging), so nothing is padded.
+    """
+
+    def __init__(self, count: int, rows: int, cols: int, rank: int, keep: int) -> None:
+        super().__init__()
+        if not 1 <= rank < min(rows, cols) or not 0 <= keep <= cols:
+            raise ValueError(f"LowRankSparse: rank must be in [1, {min(rows, cols) - 1}] and keep in [0, {cols}] for "
+                             f"{rows} x {cols} matrices, got rank={rank}, keep={keep}")
+        self.u = nn.Parameter(torch.empty(count, rows, rank))
+        self.v = nn.Parameter(torch.empty(count, rank, cols))
+        self.values = nn.Parameter(torch.zeros(count, rows, keep))
+        self.register_buffer("columns", torch.arange(keep).repeat(count, 1))
+
+    def reset_parameters(self, std: float) -> None:
+        """U and V entries with variance std / sqrt(r), so that the entries of U V have standard deviation `std`;
+        an all-zero sparse part on the first `keep` columns."""
+        factor_std = (std / math.sqrt(self.u.shape[-1])) ** 0.5
+        nn.init.normal_(self.u, std=factor_std)
+        nn.init.normal_(self.v, std=factor_std)
+        nn.init.zeros_(self.values)
+        self.columns.copy_(torch.arange(self.columns.shape[1], device=self.columns.device))
+
+    def dense(self) -> Tensor:
+        """(E, m, n): U V with each matrix's kept columns' values added (a scatter of the sparse part)."""
+        w = self.u @ self.v
+        if self.columns.shape[1]:
+            w = w.scatter_add(-1, self.columns[:, None, :].expand_as(self.values), self.values)
+        return w
+
+    def linear(self, e: int) -> FactoredLinear:
+        """Matrix e as a `FactoredLinear` over detached views (an expert cache entry holds no dense copy)."""
+        return FactoredLinear(self.u[e].detach(), self.v[e].detach(), self.columns[e], self.values[e].detach())
+
+
+class FactoredExpertBank(nn.Module):
+    """An `ExpertBank` whose matrices are stored as low rank plus column-sparse residual (`LowRankSparse`), as
+    `merge_experts --rank r --sparse f` writes them: the resident and saved size is the factored size.
+
+    The interface is ExpertBank's. `w_in` (E, I, D) and `w_out` (E, D, F) are dense reconstructions made on every
+    access, so code that reads them (merging, routing tools) works unchanged. The routed forward reconstructs the
+    dense weights and runs ExpertBank's dispatch: the dense copy lives only during that call (the point is memory,
+    not compute). `fuse` keeps the factors: a cached expert computes (x V^T) U^T + x[:, kept] S^T and the cache
+    holds views of the factors only.
+
+    Args:
+        rank: r of every matrix; sparse_fraction: each matrix (m, n) keeps ceil(sparse_fraction * n) columns.
+    """
+
+    def __init__(self, num_experts: int, width: int, hidden: int, activation: str = "gelu", *, rank: int,
+                 sparse_fraction: float = 0.0) -> None:
+        super().__init__()
+        self.num_experts, self.width, self.hidden, self.activation = num_experts, width, hidden, activation
+        self.rank, self.sparse_fraction = rank, sparse_fraction
+        rows = input_width(hidden, activation)
+        self.w_in_factors = LowRankSparse(num_experts, rows, width, rank, math.ceil(sparse_fraction * width))
+        self.w_out_factors = LowRankSparse(num_experts, width, hidden, rank, math.ceil(sparse_fraction * hidden))
+
+    @property
+    def w_in(self) -> Tensor:
+        return self.w_in_factors.dense()
+
+    @property
+    def w_out(self) -> Tensor:
+        return self.w_out_factors.dense()
+
+    def forward(self, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        """x: (N, D), index: (N, k) long, weights: (N, k) -> (N, D) = sum_k weights * expert_index(x)."""
+        return dispatch(x, index, weights, self.w_in, self.w_out, self.activation)
+
+    def fuse(self, experts: Tensor, weights: Tensor) -> FusedMLP:
+        """Freeze experts (k,) with router weights (k,) into a `FusedMLP` over views of this bank's factors."""
+        ids = experts.tolist()
+        return FusedMLP(w_in=tuple(self.w_in_factors.linear(e) for e in ids),
+                        w_out=tuple(self.w_out_factors.linear(e) for e in ids), weights=weights.detach(),
+                        experts=experts, hits=_hits(experts, self.num_experts), activation=self.activation)
+
+
+def make_expert_bank(num_experts: int, width: int, hidden: int, activation: str = "gelu", rank: int = 0,
+                     sparse_fraction: float = 0.0) -> ExpertBank | FactoredExpertBank:
+    """An `ExpertBank`, or with rank > 0 a `FactoredExpertBank` of that rank and sparse fraction."""
+    if rank == 0:
+        return ExpertBank(num_experts, width, hidden, activation)
+    return FactoredExpertBank(num_experts, width, hidden, activation, rank=rank, sparse_fraction=sparse_fraction)
 
 
 # ---- routed layers ---------------------------------------------------------------------------------------------
@@ -326,16 +455,18 @@ class RouterRecord:
 
 
 class TokenRoutedMoE(nn.Module):
-    """`hb`: per-token top-k routing over E experts plus always-on shared experts (HiMoE HB-MoE)."""
+    """`hb`: per-token top-k routing over E experts plus always-on shared experts (HiMoE HB-MoE).
+
+    rank, sparse_fraction: with rank > 0 the experts are a `FactoredExpertBank` (the shared experts stay dense)."""
 
     kind = "hb"
 
     def __init__(self, layer: int, width: int, hidden: int, num_experts: int, top_k: int, num_shared: int,
-                 jitter: float, activation: str = "gelu") -> None:
+                 jitter: float, activation: str = "gelu", rank: int = 0, sparse_fraction: float = 0.0) -> None:
         super().__init__()
         self.layer = layer
         self.router = Router(width, num_experts, top_k, jitter)
-        self.experts = ExpertBank(num_experts, width, hidden, activation)
+        self.experts = make_expert_bank(num_experts, width, hidden, activation, rank, sparse_fraction)
         self.shared = MLP(width, num_shared * hidden, activation) if num_shared else None
 
     def forward(self, x: Tensor, ctx: RouteContext) -> tuple[Tensor, RouterRecord]:
@@ -358,18 +489,18 @@ class SampleRoutedMoE(nn.Module):
     The general forward expands the sample's decision to its tokens and runs the shared sorted dispatch, computing
     only the selected experts. At inference `plan` decides the routing of a denoising step ahead from the
     `ExpertCache` (a `FusedMLP` per (layer, step) for `nm`, per (layer, descriptor) for `as`) and the forward
-    runs the fused experts it is handed.
+    runs the fused experts it is handed. With rank > 0 the experts are a `FactoredExpertBank`.
     """
 
     def __init__(self, kind: str, layer: int, width: int, hidden: int, num_experts: int, top_k: int,
                  route_dim: int, jitter: float, activation: str = "gelu", router: str = "linear",
-                 selection: str = "topk") -> None:
+                 selection: str = "topk", rank: int = 0, sparse_fraction: float = 0.0) -> None:
         super().__init__()
         if kind not in ("as", "nm"):
             raise ValueError(f"SampleRoutedMoE routes 'as' or 'nm' layers, got kind '{kind}'")
         self.kind, self.layer = kind, layer
         self.router = Router(route_dim, num_experts, top_k, jitter, kind=router, selection=selection)
-        self.experts = ExpertBank(num_experts, width, hidden, activation)
+        self.experts = make_expert_bank(num_experts, width, hidden, activation, rank, sparse_fraction)
 
     def route_input(self, ctx: RouteContext) -> Tensor:
         return ctx.descriptor if self.kind == "as" else ctx.cond

@@ -37,6 +37,7 @@ from vla.action.moe import (
     DescriptorGroups,
     ExpertBank,
     ExpertCache,
+    FactoredExpertBank,
     FusedLayer,
     RouteContext,
     RouterRecord,
@@ -101,23 +102,24 @@ class Block(nn.Module):
         per_layer = cfg.noise_conditioned_attention and cfg.noise_shift == "per_layer"
         self.noise_proj = nn.Linear(d, d, bias=False) if per_layer else None
         self.norm2 = make_norm(cfg, d)
-        expert_hidden = cfg.expert_ffn_dim or cfg.ffn_dim
         act = cfg.expert_activation
+        hidden, (rank, sparse) = cfg.expert_hidden(kind), cfg.expert_factoring(kind)
         if cfg.dense_activation not in ACTIVATIONS or act not in ACTIVATIONS:
             raise ValueError(f"activations must be among {ACTIVATIONS}, got dense_activation="
                              f"{cfg.dense_activation!r}, expert_activation={act!r}")
         if kind == "d":
             self.ffn: nn.Module = MLP(d, cfg.ffn_dim, cfg.dense_activation)
         elif kind == "hb":
-            self.ffn = TokenRoutedMoE(layer, d, cfg.hb_expert_ffn_dim or expert_hidden, cfg.hb_num_experts,
-                                      cfg.hb_top_k, cfg.hb_num_shared, cfg.router_jitter, act)
+            self.ffn = TokenRoutedMoE(layer, d, hidden, cfg.hb_num_experts, cfg.hb_top_k, cfg.hb_num_shared,
+                                      cfg.router_jitter, act, rank=rank, sparse_fraction=sparse)
         elif kind == "as":
-            self.ffn = SampleRoutedMoE("as", layer, d, expert_hidden, cfg.as_num_experts, cfg.as_top_k,
-                                       route_dim=action_dim, jitter=cfg.router_jitter, activation=act)
+            self.ffn = SampleRoutedMoE("as", layer, d, hidden, cfg.as_num_experts, cfg.as_top_k,
+                                       route_dim=action_dim, jitter=cfg.router_jitter, activation=act, rank=rank,
+                                       sparse_fraction=sparse)
         elif kind == "nm":
-            self.ffn = SampleRoutedMoE("nm", layer, d, expert_hidden, cfg.nm_num_experts, cfg.nm_top_k,
+            self.ffn = SampleRoutedMoE("nm", layer, d, hidden, cfg.nm_num_experts, cfg.nm_top_k,
                                        route_dim=d, jitter=cfg.router_jitter, activation=act, router=cfg.nm_router,
-                                       selection=cfg.nm_selection)
+                                       selection=cfg.nm_selection, rank=rank, sparse_fraction=sparse)
         else:
             raise ValueError(f"unknown layer kind '{kind}'; known kinds are d, as, hb, nm")
         self.dropout = cfg.dropout
@@ -271,6 +273,9 @@ class ActionTransformer(nn.Module):
             elif isinstance(module, ExpertBank):
                 nn.init.normal_(module.w_in, std=std)
                 nn.init.normal_(module.w_out, std=resid_std)
+            elif isinstance(module, FactoredExpertBank):
+                module.w_in_factors.reset_parameters(std)
+                module.w_out_factors.reset_parameters(resid_std)
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "w_out.weight")):
                 nn.init.normal_(p, std=resid_std)

@@ -7,8 +7,10 @@
 out keeps its experts). Calibration runs the policy's inference path on `--samples` observations of `--calib`
 (default: the mixture the checkpoint was trained on) to measure how often each expert is selected and what the
 routers see. The output loads with `VLAPolicy.from_pretrained`; its config has the new expert counts (top-k capped
-at K), so every evaluator and the expert cache work unchanged. `merge_report.json` beside it records the groups,
-frequencies and sizes. See `vla/tools/merging.py` for the method.
+at K), so every evaluator and the expert cache work unchanged. With `--rank` the merged experts are saved as
+factors (low rank + column-sparse residual) and the config lists their kinds in `action.factored_kinds`, so the
+loaded model builds factored expert banks. `merge_report.json` beside it records the groups, frequencies and sizes.
+See `vla/tools/merging.py` for the method.
 """
 
 from __future__ import annotations
@@ -58,13 +60,22 @@ def parse_groups(spec: str, experts: dict[str, int]) -> dict[str, int]:
 
 
 def expert_bank_params(bank: torch.nn.Module) -> int:
-    return bank.w_in.numel() + bank.w_out.numel()
+    """Numbers an expert bank holds: its parameters and buffers (a factored bank's column indices)."""
+    return sum(t.numel() for t in (*bank.parameters(), *bank.buffers()))
 
 
-def check_rank(policy: torch.nn.Module, groups: dict[str, int], rank: int | None) -> None:
-    """Fail before any work when the rank cannot compress the merged experts' matrices."""
+def check_rank(policy: torch.nn.Module, groups: dict[str, int], rank: int | None,
+               sparse_fraction: float = 0.0) -> None:
+    """Fail before any work when the rank cannot compress the merged experts' matrices, or when kinds left unmerged
+    are already factored with another rank or fraction (one config holds one rank and fraction)."""
     if rank is None:
         return
+    action = policy.config.action
+    kept = [k for k in action.factored_kinds if k not in groups]
+    if kept and (action.expert_rank, action.expert_sparse_fraction) != (rank, sparse_fraction):
+        raise ValueError(f"kinds {kept} stay factored at rank {action.expert_rank} and sparse fraction "
+                         f"{action.expert_sparse_fraction}; merge them too, or use --rank {action.expert_rank} "
+                         f"--sparse {action.expert_sparse_fraction}")
     for i, ffn in routed_layers(policy).items():
         if ffn.kind in groups:
             dims = (*ffn.experts.w_in.shape[1:], ffn.experts.w_out.shape[2])
@@ -84,14 +95,15 @@ def merge_policy(policy: torch.nn.Module, calibration: Calibration, groups: dict
         groups: kind -> number of merged experts (kinds not named are copied unchanged).
         method: "mcsmoe" (align + frequency-weighted) or "uniform" (plain average of the same groups).
         rank, sparse_fraction: compress every merged expert matrix to rank `rank` plus that fraction of its
-            residual's columns (None: no compression).
+            residual's columns (None: no compression). The factors replace the dense weights in the merged
+            policy (a `FactoredExpertBank` per compressed layer), so it and its checkpoint hold the factored size.
         checkpoint_dir: the checkpoint the policy came from (backbones that rebuild from its files need it).
     """
     from vla.policy import VLAPolicy
 
     if method not in METHODS:
         raise ValueError(f"unknown merge method '{method}'; methods: {', '.join(METHODS)}")
-    check_rank(policy, groups, rank)
+    check_rank(policy, groups, rank, sparse_fraction)
     names = {id(m): n for n, m in policy.named_modules()}
     state = dict(policy.state_dict())
     reports = []
@@ -106,14 +118,21 @@ def merge_policy(policy: torch.nn.Module, calibration: Calibration, groups: dict
         w_in, w_out = torch.stack([m[0] for m in merged]), torch.stack([m[1] for m in merged])
         report = LayerMerge(layer=i, kind=ffn.kind, groups=plan, frequency=rec.frequency.tolist(),
                             expert_params=(expert_bank_params(bank), w_in.numel() + w_out.numel()))
-        if rank is not None:
-            parts = [compress_matrix(w, rank, sparse_fraction) for w in (*w_in, *w_out)]
-            w_in = torch.stack([p.dense for p in parts[:k]])
-            w_out = torch.stack([p.dense for p in parts[k:]])
-            report.compressed_params = sum(p.params for p in parts)
-            report.compression_error = sum(p.relative_error for p in parts) / len(parts)
         prefix = names[id(ffn)]
-        state[f"{prefix}.experts.w_in"], state[f"{prefix}.experts.w_out"] = w_in, w_out
+        for key in [key for key in state if key.startswith(f"{prefix}.experts.")]:  # dense or factored before
+            del state[key]
+        if rank is None:
+            state[f"{prefix}.experts.w_in"], state[f"{prefix}.experts.w_out"] = w_in, w_out
+        else:
+            parts = {"w_in": [compress_matrix(w, rank, sparse_fraction) for w in w_in],
+                     "w_out": [compress_matrix(w, rank, sparse_fraction) for w in w_out]}
+            for name, matrices in parts.items():  # the keys of FactoredExpertBank's LowRankSparse modules
+                for field in ("u", "v", "columns", "values"):
+                    state[f"{prefix}.experts.{name}_factors.{field}"] = torch.stack([getattr(c, field)
+                                                                                     for c in matrices])
+            every = parts["w_in"] + parts["w_out"]
+            report.compressed_params = sum(c.params for c in every)
+            report.compression_error = sum(c.relative_error for c in every) / len(every)
         inputs = rec.inputs[0].to(policy.device, dtype=next(router.parameters()).dtype)
         if router.kind == "linear":
             last, features = router.proj, inputs
@@ -128,6 +147,14 @@ def merge_policy(policy: torch.nn.Module, calibration: Calibration, groups: dict
     for kind, k in groups.items():
         setattr(config.action, f"{kind}_num_experts", k)
         setattr(config.action, f"{kind}_top_k", min(getattr(config.action, f"{kind}_top_k"), k))
+    factored = [kind for kind in config.action.factored_kinds if kind not in groups]  # left unmerged: unchanged
+    factored += [] if rank is None else list(groups)
+    config.action.factored_kinds = tuple(k for k in ("as", "hb", "nm") if k in factored)
+    if rank is not None:
+        config.action.expert_rank, config.action.expert_sparse_fraction = rank, sparse_fraction
+    elif not factored:
+        config.action.expert_rank, config.action.expert_sparse_fraction = 0, 0.0
+    config.action.validate()
     merged_policy = VLAPolicy(config, registry=policy.registry, normalizer=policy.normalizer,
                               checkpoint_dir=checkpoint_dir)
     merged_policy.load_state_dict(state, strict=True)
@@ -184,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         policy = VLAPolicy.from_pretrained(source)
         experts = {ffn.kind: ffn.router.num_experts for ffn in routed_layers(policy).values()}
         groups = parse_groups(args.groups, experts)
-        check_rank(policy, groups, args.rank)
+        check_rank(policy, groups, args.rank, args.sparse)
         data = resolve_data(args.calib, policy)
         calibration = collect_routing(policy, mixture_batches(policy, data, args.batch_size), args.samples,
                                       seed=args.seed)

@@ -12,8 +12,8 @@ For one routed layer with E experts and K groups:
    calibration inputs (so softmax gives each group the summed probability of its members), starting from the
    centre's row and adding the least-norm correction; a group of one keeps its expert's row exactly.
 5. Compress (optional): each merged matrix becomes its rank-r SVD plus the columns of the residual with the largest
-   norms (a column-structured sparse part). The model keeps the dense reconstruction, so the checkpoint stays
-   ordinary; the factored size is reported.
+   norms (a column-structured sparse part). The checkpoint stores the factors (U, V, the kept columns' indices and
+   values) and its config makes the layer a `FactoredExpertBank`, so the saved file and the loaded model shrink.
 
 `method="uniform"` is the naive baseline: the same groups, no alignment, equal weights.
 """
@@ -155,21 +155,35 @@ def remap_router_rows(weight: Tensor, features: Tensor, groups: list[list[int]],
 
 @dataclass
 class Compressed:
-    """A matrix as low rank + column-sparse residual.
+    """A matrix W (m, n) as low rank + column-sparse residual: W ~ U V + S, S zero outside `columns`.
 
     Attributes:
-        dense: the reconstruction U diag(s) V^T + S (what the model holds).
-        params: numbers a factored store needs: r (m + n + 1) + m * kept columns (+ their indices).
+        u: (m, r) left factor (the singular values folded in); v: (r, n).
+        columns: (keep,) long, the residual columns kept; values: (m, keep) their values.
         relative_error: ||W - dense|| / ||W|| (Frobenius).
     """
 
-    dense: Tensor
-    params: int
+    u: Tensor
+    v: Tensor
+    columns: Tensor
+    values: Tensor
     relative_error: float
+
+    @property
+    def dense(self) -> Tensor:
+        """The reconstruction U V + S (as `LowRankSparse.dense` computes it)."""
+        w = self.u @ self.v
+        return w.index_add(1, self.columns, self.values) if self.columns.numel() else w
+
+    @property
+    def params(self) -> int:
+        """Numbers the factored store holds: r (m + n) + m * keep values + keep indices."""
+        return self.u.numel() + self.v.numel() + self.values.numel() + self.columns.numel()
 
 
 def compress_matrix(w: Tensor, rank: int, sparse_fraction: float) -> Compressed:
-    """Rank-`rank` SVD of w (m, n) plus the ceil(sparse_fraction * n) residual columns of largest norm."""
+    """Rank-`rank` SVD of w (m, n) plus the ceil(sparse_fraction * n) residual columns of largest norm (the same
+    count for every matrix of that shape, so a bank of them needs no padding)."""
     m, n = w.shape
     if not 1 <= rank < min(m, n):
         raise ValueError(f"rank {rank} must be in [1, {min(m, n) - 1}] for a {m} x {n} expert matrix")
@@ -177,16 +191,14 @@ def compress_matrix(w: Tensor, rank: int, sparse_fraction: float) -> Compressed:
         raise ValueError(f"sparse_fraction must be in [0, 1), got {sparse_fraction}")
     x = w.double()
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    low = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    residual = x - low
+    low_u, low_v = u[:, :rank] * s[:rank], vh[:rank]
+    residual = x - low_u @ low_v
     keep = math.ceil(sparse_fraction * n)
-    sparse = torch.zeros_like(residual)
-    if keep:
-        cols = residual.norm(dim=0).topk(keep).indices
-        sparse[:, cols] = residual[:, cols]
-    dense = low + sparse
-    error = float((x - dense).norm() / x.norm().clamp_min(1e-30))
-    return Compressed(dense=dense.to(w.dtype), params=rank * (m + n + 1) + keep * (m + 1), relative_error=error)
+    cols = residual.norm(dim=0).topk(keep).indices.sort().values
+    out = Compressed(u=low_u.to(w.dtype), v=low_v.to(w.dtype), columns=cols, values=residual[:, cols].to(w.dtype),
+                     relative_error=0.0)
+    out.relative_error = float((x - out.dense.double()).norm() / x.norm().clamp_min(1e-30))
+    return out
 
 
 # ---- one layer -------------------------------------------------------------------------------------------------
@@ -200,7 +212,8 @@ class LayerMerge:
         layer, kind: the layer; groups: expert ids per merged expert (centre first).
         frequency: selection frequency of the original experts on the calibration set.
         expert_params: parameters of the expert bank before and after merging.
-        compressed_params: parameters of a factored store of the merged experts (None without compression).
+        compressed_params: numbers the factored bank of the merged experts stores, its column indices included
+            (None without compression).
         compression_error: mean relative reconstruction error of the compressed matrices.
         router_fit_error: max |P_new(group) - sum of its members' P_old| over the calibration rows.
     """
