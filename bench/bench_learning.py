@@ -10,14 +10,6 @@ they run. The arms:
     himoe        HiMoE pattern as,hb,hb,hb,hb,as          active FFN width 1024 per layer
     mode         MoDE pattern nm x 6 (4 x 512, top-2)      active FFN width 1024 per layer
     dense        d x 6, FFN 1024                           the active width of the two MoE arms
-    himoe-ref    the himoe arm's pattern with every action option of the `himoe-paligemma` preset (HiMoE-VLA's
-                 recipe: SwiGLU experts, 32 hb experts top-4, RMSNorm, time fused into the action tokens,
-                 token-level AS-Reg and HB-Reg summed over layers, 10 flow steps, 10 actions per query)
-    mode-ref     the mode arm's pattern with every action and objective option of the `mode` preset (MoDE's
-                 recipe: SwiGLU experts, MLP router, multinomial selection in training, shared noise shift,
-                 EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, 10 actions per query);
-                 the two `-ref` arms keep tiny-cpu's width, heads and FFN ratios (`reference_overrides`), so each
-                 reads against its earlier arm as the reference options' effect at this size
     panda+ur5e   the preset on LIBERO Panda + robosuite UR5e (`datasets/mixtures/libero_ur5e.yaml`); the table
                  gives its LIBERO success next to `tiny-cpu`'s, and `bench/routing_panda+ur5e.png` plots the expert
                  usage of each routed layer per embodiment at the end of training
@@ -28,11 +20,23 @@ they run. The arms:
                  ~100 min here, its ResNet-18s alone cost more than a whole tiny-cpu step); `tiny-cpu-2400` on
                  the same 2400-step schedule is the row to read it against (`bench/lerobot_diffusion.py`:
                  lerobot's own dataset, model, optimizer and normalization)
+    himoe-ref    the himoe arm's pattern with every action option of the `himoe-paligemma` preset (HiMoE-VLA's
+                 recipe: SwiGLU experts, 32 hb experts top-4, RMSNorm, time fused into the action tokens,
+                 token-level AS-Reg and HB-Reg summed over layers, 10 flow steps, 10 actions per query)
+    mode-ref     the mode arm's pattern with every action and objective option of the `mode` preset (MoDE's
+                 recipe: SwiGLU experts, MLP router, multinomial selection in training, shared noise shift,
+                 EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, 10 actions per query)
+    moh-ref      the moh arm (the preset's layers, chunk 20 at horizons 5,10,15,20) with every other action option of
+                 the `moh-pi0` preset (gate noise, segment-wise balance, the relative dynamic rule); evaluated with
+                 dynamic execution and at a fixed 5 actions per chunk, scale_ratio tried on validation episodes.
+                 The `-ref` arms keep tiny-cpu's width, heads and FFN ratios (`reference_overrides`), so each
+                 reads against its earlier arm as the reference options' effect at this size.
 
 Inference settings are chosen on validation episodes (`eval/libero.py --init-states validation`: seeded resets
 disjoint from the official init states and from the demonstrations), never on the states the row reports: the
 `tiny-cpu` arm tries 3, 5 and 10 flow steps per chunk (`val-steps<N>/`), the `moh` arm three agreement thresholds
-(`val-threshold<T>/`); each candidate's success is in the row's figures.
+(`val-threshold<T>/`), the `moh-ref` arm three scale ratios (`val-scale<R>/`); each candidate's success is in the
+row's figures.
 
 Reported per arm: final training loss (mean of the last 10% of logged intervals; each objective has its own
 scale), training steps/s, parameters (the action head's total and active per token for ours, the whole model for
@@ -99,21 +103,32 @@ FLOW_STEPS = (3, 5, 10)
 MOH_THRESHOLDS = ("0.01", "0.015", "0.02")
 """Agreement thresholds of the `absolute` dynamic rule tried on validation episodes for the moh arm."""
 
+MOH_SCALE_RATIOS = ("1.0", "1.2", "1.4")
+"""scale_ratio of the `relative` dynamic rule tried on validation episodes for the moh-ref arm: the preset's 1.0
+and the reference evaluation script's sweep (1.1-1.4); the headline keeps the preset's value."""
+
+MOH_REF_SIZE: dict[str, object] = {"action.chunk_size": 20, "action.moh.horizons": (5, 10, 15, 20),
+                                    "action.moh.min_active_horizons": 2}
+"""The moh-ref arm's horizons: the moh arm's chunk 20 read at 4 horizons, not the reference's chunk 30 at 10 (3, 6,
+..., 30), whose 165 action tokens make the head's training step ~3.4x the moh arm's on this CPU (15x tiny-cpu's);
+the dynamic rule stops where half of the horizons or fewer cover a step, as the reference's 5 of 10 does."""
+
 MOH_THRESHOLD = "0.015"
 """Mixture-of-Horizons agreement threshold of the `moh` arm's dynamic evaluation (normalized action units), about
 2-3x the trained arm's median cross-horizon disagreement on its own demonstration frames (0.004-0.007 per step).
 Measured on this arm: 0.01 -> 62 % at 8.6 actions per query, 0.015 -> 66 % at 13.0 (fixed 5: 71 %, fixed 10: 64 %)."""
 
 
-def reference_overrides(preset: str, layers: str) -> tuple[str, ...]:
+def reference_overrides(preset: str, layers: str, sized: dict[str, object] | None = None) -> tuple[str, ...]:
     """train.py flags that turn the tiny-cpu preset into the reference recipe of `preset` at tiny-cpu's size.
 
     Every `action.*` and `objective.*` field is the reference preset's (expert counts, top-k, activations, norms,
     router form, regularisers and their reduction over layers, time fusion, objective and sampler, chunk and
     actions executed per query), except the size: tiny-cpu's width and heads, the given layer pattern at tiny-cpu's
     depth, and FFN widths scaled by the width ratio (4096 at width 1024 -> 1024 at 256), so each hidden width keeps
-    its ratio to the model width. Encoder, data and training schedule stay tiny-cpu's, equal for every arm. Read
-    from the preset, never retyped, so an arm follows its preset when a reference option changes."""
+    its ratio to the model width; `sized` sets further fields that grow with the model (field -> value). Encoder,
+    data and training schedule stay tiny-cpu's, equal for every arm. Read from the preset, never retyped, so an arm
+    follows its preset when a reference option changes."""
     from vla.config import field_types, get_preset
 
     ref, tiny = get_preset(preset), get_preset("tiny-cpu")
@@ -121,7 +136,7 @@ def reference_overrides(preset: str, layers: str) -> tuple[str, ...]:
     flags: list[str] = []
     for name in field_types():
         section, *path = name.split(".")
-        if section not in ("action", "objective"):
+        if section not in ("action", "objective") or not follows_reference(name, ref.action.layer_kinds):
             continue
         value, tiny_value = _dotted(ref, name), _dotted(tiny, name)
         if name in ("action.width", "action.num_heads"):
@@ -130,9 +145,21 @@ def reference_overrides(preset: str, layers: str) -> tuple[str, ...]:
             value = layers
         elif name in REF_FFN_FIELDS:
             value = round(value * scale)
+        value = (sized or {}).get(name, value)
         if value != tiny_value:
             flags += [f"--{name}", _flag_value(value)]
     return tuple(flags)
+
+
+def follows_reference(name: str, reference_kinds: list[str]) -> bool:
+    """False for the options of routed layer kinds the reference has none of (MoDE's `as_*`, the dense Mixture of
+    Horizons' expert widths): the reference says nothing about them, so the arm keeps tiny-cpu's."""
+    leaf = name.removeprefix("action.")
+    kind = leaf.split("_")[0]
+    routed = [k for k in reference_kinds if k != "d"]
+    if kind in ("as", "hb", "nm"):
+        return kind in routed
+    return bool(routed) or leaf not in ("expert_ffn_dim", "expert_activation")
 
 
 REF_FFN_FIELDS = ("action.ffn_dim", "action.expert_ffn_dim", "action.hb_expert_ffn_dim")
@@ -185,6 +212,13 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         "arm's pattern nm x 6: SwiGLU 4 x 1024 top-2, MLP router, multinomial selection in training, one shared "
         "noise shift, RMSNorm, EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, "
         "10 actions per query", reference_overrides("mode", "nm,nm,nm,nm,nm,nm")),
+    Arm("moh-ref", "Mixture of Horizons as its reference runs it on LIBERO (the moh-pi0 preset's action options) on "
+        "tiny-cpu's layers as,nm,nm,nm,nm,as and the moh arm's chunk 20 at horizons 5,10,15,20: gate noise in "
+        "training, the segment-wise balance, pi0's time fusion and RMSNorm, dynamic execution by the relative rule "
+        "(scale_ratio 1, at least 5 actions, stop where 2 or fewer of the 4 horizons remain); also evaluated at a "
+        "fixed 5 actions per chunk", reference_overrides("moh-pi0", "as,nm,nm,nm,nm,as", MOH_REF_SIZE),
+        evals=(("eval", ()), ("eval-fixed5", ("--replan-steps", "5"))),
+        tune=tuple((f"val-scale{r}", ("--policy-set", f"action.moh.scale_ratio={r}")) for r in MOH_SCALE_RATIOS)),
     Arm("tiny-cpu-2400", f"the preset on the lerobot arm's {LEROBOT_STEPS}-step schedule (its learning-rate schedule "
         "compressed to those steps): the row the lerobot arm is read against", steps=LEROBOT_STEPS),
     Arm("lerobot-diffusion", "lerobot DiffusionPolicy (ResNet-18, U-Net 128-256-512, DDIM 10 steps), same batch, "

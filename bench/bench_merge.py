@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Expert merging and compression after training (vla.tools.merge_experts): what K experts per layer cost and keep.
 
-For every trained MoE checkpoint present (the `tiny-cpu`, `himoe`, `mode` and `panda+ur5e` arms of
-bench/bench_learning.py in `checkpoints/bench-learning/<arm>/last`; arms not trained yet are skipped and named), and
+For every trained MoE checkpoint present (the `tiny-cpu`, `himoe`, `mode`, `panda+ur5e`, `himoe-ref` and `mode-ref`
+arms of bench/bench_learning.py in `checkpoints/bench-learning/<arm>/last`; arms not trained yet are skipped and
+named), and
 for K in {1, 2, E/2} (per routed kind, capped at its E): MC-SMoE merging (aligned, frequency-weighted), the same with
 low-rank + sparse compression, and naive uniform averaging of the same groups. Reported per variant against the
 unmerged model, all on the same calibration / held-out observations of the arm's own training mixture:
@@ -12,8 +13,8 @@ unmerged model, all on the same calibration / held-out observations of the arm's
 - inference ms per chunk (batch 1, expert cache on, median of repeats, this process's threads);
 - held-out flow loss (fixed noise and times) with its standard error over batches, and the mean squared deviation
   of the predicted chunk from the unmerged model's (same noise).
-- LIBERO success of the variants `VLA_MERGE_LIBERO` names (default: K=1 and K=E/2 with MC-SMoE, K=E/2 with
-  compression, K=1 uniform; ~7 minutes of simulation each), against the arm's own in-process evaluation with the
+- LIBERO success of the variants `VLA_MERGE_LIBERO` names (default: K=1, 2 and E/2 with MC-SMoE, K=E/2 with
+  compression, K=1 and 2 uniform; ~7 minutes of simulation each), against the arm's own in-process evaluation with the
   same protocol (read from its results.json): the merged checkpoint is saved to
   `checkpoints/bench-learning/<arm>/merged/<variant>/` and evaluated there (resumable), with the standard error of
   each rate and of its difference from the unmerged one. `VLA_MERGE_LIBERO=none` skips the simulator.
@@ -47,9 +48,10 @@ from vla.policy import VLAPolicy, resolve_checkpoint  # noqa: E402
 from vla.tools.calibration import collect_routing, mixture_batches, routed_layers  # noqa: E402
 from vla.tools.merge_experts import merge_policy  # noqa: E402
 
-ARMS = ("tiny-cpu", "himoe", "mode", "panda+ur5e")
+ARMS = ("tiny-cpu", "himoe", "mode", "panda+ur5e", "himoe-ref", "mode-ref")
 LIBERO_ENV = "VLA_MERGE_LIBERO"
-LIBERO_VARIANTS = ("K=1 mcsmoe", "K=1 uniform", "K=E/2 mcsmoe", "K=E/2 mcsmoe + rank 64")
+LIBERO_VARIANTS = ("K=1 mcsmoe", "K=1 uniform", "K=2 mcsmoe", "K=2 uniform", "K=E/2 mcsmoe",
+                   "K=E/2 mcsmoe + rank 64")
 """Variants evaluated in LIBERO by default (`VLA_MERGE_LIBERO`, comma-separated; `none`: no simulation)."""
 QUICK_STEPS = 300
 EMBODIMENTS = {"libero_panda": ({"agentview": "base", "wrist": "wrist"}, 8, 7),

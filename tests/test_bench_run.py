@@ -329,8 +329,22 @@ def test_merged_variants_are_scored_with_the_arms_own_protocol(monkeypatch, tmp_
     assert row["value"] == 0.6 and row["figures"]["difference"] == pytest.approx(-0.24)
 
 
+def test_a_reference_arm_leaves_alone_the_options_of_layer_kinds_its_reference_lacks(monkeypatch):
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    mode, moh = ["nm"] * 12, ["d"] * 18
+    assert module.follows_reference("action.nm_router", mode) and not module.follows_reference("action.as_reg_weight",
+                                                                                                mode)
+    assert module.follows_reference("action.expert_ffn_dim", mode) and not module.follows_reference(
+        "action.expert_ffn_dim", moh)
+    assert module.follows_reference("action.norm", moh) and module.follows_reference("objective.kind", moh)
+    flags = module.ARMS["moh-ref"].overrides
+    assert "--action.expert_ffn_dim" not in flags and "--action.as_reg_weight" not in flags
+    assert "--action.as_reg_weight" not in module.ARMS["mode-ref"].overrides
+
+
 @pytest.mark.parametrize(("arm_name", "preset", "old_arm"), [("himoe-ref", "himoe-paligemma", "himoe"),
-                                                           ("mode-ref", "mode", "mode")])
+                                                           ("mode-ref", "mode", "mode"),
+                                                           ("moh-ref", "moh-pi0", "moh")])
 def test_a_reference_arm_is_its_preset_at_tiny_cpu_size(monkeypatch, arm_name, preset, old_arm):
     """Every action and objective option of the reference preset reaches the arm's config; only the size is
     tiny-cpu's (width, heads, the old arm's layer pattern, FFN widths at the preset's ratio to the width)."""
@@ -347,12 +361,19 @@ def test_a_reference_arm_is_its_preset_at_tiny_cpu_size(monkeypatch, arm_name, p
     assert cfg.action.layers == old.action.layers  # the comparison with the earlier arm changes the options only
     assert (cfg.action.width, cfg.action.num_heads) == (tiny.action.width, tiny.action.num_heads)
     assert cfg.backbone == tiny.backbone and cfg.train == tiny.train and cfg.data == tiny.data
+    if arm_name == "moh-ref":  # the moh arm's horizons: the reference's 10 are out of this CPU's reach
+        assert (cfg.action.chunk_size, cfg.action.moh.horizons) == (old.action.chunk_size, old.action.moh.horizons)
     for name in field_types():
         section, _, leaf = name.partition(".")
         if section not in ("action", "objective") or leaf in ("width", "num_heads", "layers"):
             continue
         mine, theirs = module._dotted(cfg, name), module._dotted(ref, name)
-        if leaf.endswith("ffn_dim"):
+        if not module.follows_reference(name, ref.action.layer_kinds):  # a kind the reference has no layer of
+            assert mine == module._dotted(tiny, name), name
+            continue
+        if arm_name == "moh-ref" and name in module.MOH_REF_SIZE:  # sized down for this CPU, as documented
+            assert mine == module.MOH_REF_SIZE[name], name
+        elif leaf.endswith("ffn_dim"):
             assert mine * ref.action.width == theirs * tiny.action.width, name  # 4096 at 1024 -> 1024 at 256
         else:
             assert mine == theirs, name
