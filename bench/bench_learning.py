@@ -107,11 +107,15 @@ MOH_SCALE_RATIOS = ("1.0", "1.2", "1.4")
 """scale_ratio of the `relative` dynamic rule tried on validation episodes for the moh-ref arm: the preset's 1.0
 and the reference evaluation script's sweep (1.1-1.4); the headline keeps the preset's value."""
 
+REF_EVALS = (("eval", ()), ("eval-exec5", ("--replan-steps", "5")))
+"""The himoe-ref and mode-ref evaluations: the reference's 10 actions per query (the headline), and the same weights
+executing 5 per query as every earlier arm does, so the recipe's effect reads apart from the execution horizon."""
+
 MOH_REF_SIZE: dict[str, object] = {"action.chunk_size": 20, "action.moh.horizons": (5, 10, 15, 20),
                                     "action.moh.min_active_horizons": 2}
 """The moh-ref arm's horizons: the moh arm's chunk 20 read at 4 horizons, not the reference's chunk 30 at 10 (3, 6,
-..., 30), whose 165 action tokens make the head's training step ~3.4x the moh arm's on this CPU (15x tiny-cpu's);
-the dynamic rule stops where half of the horizons or fewer cover a step, as the reference's 5 of 10 does."""
+..., 30), which packs 165 action tokens into each sequence instead of 50 (more than 2 CPU cores train in one
+sitting); the dynamic rule stops where half of the horizons or fewer cover a step, as the reference's 5 of 10 does."""
 
 MOH_THRESHOLD = "0.015"
 """Mixture-of-Horizons agreement threshold of the `moh` arm's dynamic evaluation (normalized action units), about
@@ -207,11 +211,13 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("himoe-ref", "HiMoE-VLA's recipe (the himoe-paligemma preset's action options) at tiny-cpu's size, the "
         "himoe arm's pattern as,hb,hb,hb,hb,as: SwiGLU as 3 x 1024 top-1, hb 32 x 256 top-4 + 1 shared, RMSNorm, "
         "time fused into each action token, token-level AS-Reg and HB-Reg summed over layers, 10 Euler steps, "
-        "10 actions per query", reference_overrides("himoe-paligemma", "as,hb,hb,hb,hb,as")),
+        "10 actions per query; also evaluated at 5 actions per query, the earlier arms' execution",
+        reference_overrides("himoe-paligemma", "as,hb,hb,hb,hb,as"), evals=REF_EVALS),
     Arm("mode-ref", "MoDE's recipe (the mode preset's action and objective options) at tiny-cpu's size, the mode "
         "arm's pattern nm x 6: SwiGLU 4 x 1024 top-2, MLP router, multinomial selection in training, one shared "
         "noise shift, RMSNorm, EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, "
-        "10 actions per query", reference_overrides("mode", "nm,nm,nm,nm,nm,nm")),
+        "10 actions per query; also evaluated at 5 actions per query, the earlier arms' execution",
+        reference_overrides("mode", "nm,nm,nm,nm,nm,nm"), evals=REF_EVALS),
     Arm("moh-ref", "Mixture of Horizons as its reference runs it on LIBERO (the moh-pi0 preset's action options) on "
         "tiny-cpu's layers as,nm,nm,nm,nm,as and the moh arm's chunk 20 at horizons 5,10,15,20: gate noise in "
         "training, the segment-wise balance, pi0's time fusion and RMSNorm, dynamic execution by the relative rule "
