@@ -308,6 +308,12 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
+def partial() -> bool:
+    """True when some arms have no checkpoint here (a fresh machine, or arms not trained yet): bench/run.py then
+    keeps those arms' rows from the run that measured them, each with its date, instead of dropping them."""
+    return any(not (REPO / "checkpoints" / "bench-learning" / arm / "last").exists() for arm in ARMS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")

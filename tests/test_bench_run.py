@@ -377,3 +377,17 @@ def test_a_reference_arm_is_its_preset_at_tiny_cpu_size(monkeypatch, arm_name, p
             assert mine * ref.action.width == theirs * tiny.action.width, name  # 4096 at 1024 -> 1024 at 256
         else:
             assert mine == theirs, name
+
+
+def test_merge_rows_of_arms_without_a_checkpoint_here_are_kept(monkeypatch, tmp_path):
+    """A machine that has only some arms' checkpoints re-measures those and keeps the others' rows (with their
+    dates): bench_merge says it ran only part of itself, as bench/run.py's partial runs expect."""
+    monkeypatch.syspath_prepend(str(BENCH_RUN.parent))
+    module = load_bench(BENCH_RUN.parent / "bench_merge.py", monkeypatch)
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    assert module.partial()  # no checkpoint at all
+    for arm in module.ARMS:
+        (tmp_path / "checkpoints" / "bench-learning" / arm / "last").mkdir(parents=True)
+    assert not module.partial()
+    (tmp_path / "checkpoints" / "bench-learning" / module.ARMS[0] / "last").rmdir()
+    assert module.partial()
