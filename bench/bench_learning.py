@@ -139,12 +139,10 @@ def reference_overrides(preset: str, layers: str, sized: dict[str, object] | Non
     scale = tiny.action.width / ref.action.width
     flags: list[str] = []
     for name in field_types():
-        section, *path = name.split(".")
-        if section not in ("action", "objective") or not follows_reference(name, ref.action.layer_kinds):
+        if (not name.startswith(("action.", "objective.")) or name in ("action.width", "action.num_heads")
+                or not follows_reference(name, ref.action.layer_kinds)):
             continue
         value, tiny_value = _dotted(ref, name), _dotted(tiny, name)
-        if name in ("action.width", "action.num_heads"):
-            continue
         if name == "action.layers":
             value = layers
         elif name in REF_FFN_FIELDS:
