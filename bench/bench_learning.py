@@ -114,8 +114,8 @@ executing 5 per query as every earlier arm does, so the recipe's effect reads ap
 MOH_REF_SIZE: dict[str, object] = {"action.chunk_size": 20, "action.moh.horizons": (5, 10, 15, 20),
                                     "action.moh.min_active_horizons": 2}
 """The moh-ref arm's horizons: the moh arm's chunk 20 read at 4 horizons, not the reference's chunk 30 at 10 (3, 6,
-..., 30), which packs 165 action tokens into each sequence instead of 50 (more than 2 CPU cores train in one
-sitting); the dynamic rule stops where half of the horizons or fewer cover a step, as the reference's 5 of 10 does."""
+..., 30), which packs 165 action tokens into each sequence instead of 50 (the arm has to train in one sitting on
+2 cores); the dynamic rule stops where half of the horizons or fewer cover a step, as the reference's 5 of 10 does."""
 
 MOH_THRESHOLD = "0.015"
 """Mixture-of-Horizons agreement threshold of the `moh` arm's dynamic evaluation (normalized action units), about
