@@ -284,6 +284,15 @@ class FactoredLinear:
         return y
 
 
+def low_rank_sparse(u: Tensor, v: Tensor, columns: Tensor, values: Tensor) -> Tensor:
+    """U V plus a column-sparse part: `values` (..., m, keep) added at `columns` (..., keep) of the last axis. One
+    matrix (u (m, r), v (r, n)) or a bank of them (a leading expert axis)."""
+    w = u @ v
+    if columns.shape[-1]:
+        w = w.scatter_add(-1, columns.unsqueeze(-2).expand_as(values), values)
+    return w
+
+
 class LowRankSparse(nn.Module):
     """E matrices (m, n), each stored as W_e = U_e V_e + S_e: U_e (m, r), V_e (r, n), and S_e zero except in `keep`
     columns, of which it stores the indices (a long buffer, chosen per matrix) and the values.
@@ -312,10 +321,7 @@ class LowRankSparse(nn.Module):
 
     def dense(self) -> Tensor:
         """(E, m, n): U V with each matrix's kept columns' values added (a scatter of the sparse part)."""
-        w = self.u @ self.v
-        if self.columns.shape[1]:
-            w = w.scatter_add(-1, self.columns[:, None, :].expand_as(self.values), self.values)
-        return w
+        return low_rank_sparse(self.u, self.v, self.columns, self.values)
 
     def linear(self, e: int) -> FactoredLinear:
         """Matrix e as a `FactoredLinear` over detached views (an expert cache entry holds no dense copy)."""

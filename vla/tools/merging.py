@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vla.action.moe import low_rank_sparse
+
 METHODS = ("mcsmoe", "uniform")
 RCOND = 1e-3
 """Router fit: directions of the calibration inputs with singular values below RCOND x the largest are left alone
@@ -171,9 +173,8 @@ class Compressed:
 
     @property
     def dense(self) -> Tensor:
-        """The reconstruction U V + S (as `LowRankSparse.dense` computes it)."""
-        w = self.u @ self.v
-        return w.index_add(1, self.columns, self.values) if self.columns.numel() else w
+        """The reconstruction U V + S, as the factored expert bank computes it."""
+        return low_rank_sparse(self.u, self.v, self.columns, self.values)
 
     @property
     def params(self) -> int:
