@@ -233,22 +233,53 @@ def test_the_lerobot_comparison_row_is_an_arm_the_bench_trains(monkeypatch):
     assert "--train.steps" not in module.arm_train_args(module.make_plan(quick=False), module.ARMS["tiny-cpu"])
 
 
-def test_inference_settings_are_tuned_on_validation_episodes(monkeypatch, tmp_path):
-    """The tiny-cpu arm's flow-step candidates run on validation episodes, after its official evaluation."""
+@pytest.mark.parametrize(("validation_successes", "headline"), [
+    ({5: 30, 3: 28, 10: 41}, ("eval-steps10", "objective.num_inference_steps=10")),
+    ({5: 30, 3: 30, 10: 30}, ("eval", None)),  # a tie keeps the arm's own setting
+])
+def test_the_headline_setting_is_chosen_on_validation_episodes_only(monkeypatch, tmp_path, validation_successes,
+                                                                     headline):
+    """The tiny-cpu arm's flow-step candidates run on validation episodes first; the official init states are
+    evaluated once, at the candidate with the best validation success."""
     module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
     calls: list[list[str]] = []
-    monkeypatch.setattr(module, "stage", lambda cmd, log: calls.append(cmd))
+
+    def stage(cmd, log):
+        calls.append(cmd)
+        if "--init-states" in cmd:
+            steps = int(next(c for c in cmd if c.startswith("objective.num_inference_steps=")).rsplit("=", 1)[1])
+            fake_eval(Path(cmd[cmd.index("--out") + 1]), validation_successes[steps], 50)
+
+    monkeypatch.setattr(module, "stage", stage)
     plan = module.make_plan(quick=True)
     plan.work = tmp_path
     module.train_and_evaluate(plan, module.ARMS["tiny-cpu"])
     evals = [c for c in calls if "eval/libero.py" in c]
-    assert "--init-states" not in evals[0]  # the headline: official init states
-    tuned = evals[1:]
+    *tuned, official = evals
     assert len(tuned) == len(module.FLOW_STEPS) > 1
     for cmd, steps in zip(tuned, module.FLOW_STEPS, strict=True):
         assert cmd[cmd.index("--init-states") + 1] == "validation"
         assert f"objective.num_inference_steps={steps}" in cmd
         assert cmd[cmd.index("--out") + 1].endswith(f"val-steps{steps}")
+    out, setting = headline
+    assert "--init-states" not in official  # the headline: official init states
+    assert official[official.index("--out") + 1] == str(tmp_path / "tiny-cpu" / out)
+    assert [c for c in official if c.startswith("objective.")] == ([setting] if setting else [])
+
+
+def test_an_arm_s_own_setting_is_its_first_candidate(monkeypatch):
+    """Every tuned arm lists its own setting first, so a tie (or the first candidate winning) reports `eval/`, the
+    evaluation the arm runs without tuning; a better candidate replaces that setting, it is not added to it."""
+    module = load_bench(BENCH_RUN.parent / "bench_learning.py", monkeypatch)
+    tuned = [arm for arm in module.ARMS.values() if arm.tune]
+    assert {arm.name for arm in tuned} >= {"tiny-cpu", "tiny-cpu-2400", "moh", "moh-ref"}
+    for arm in tuned:
+        own = arm.evals[0][1]
+        assert not own or own == arm.tune[0][1], arm.name
+        assert module.official_evals(arm, 0) == arm.evals
+        out, flags = module.official_evals(arm, 1)[0]
+        assert out == "eval-" + arm.tune[1][0].removeprefix("val-") and flags == arm.tune[1][1]
+        assert module.official_evals(arm, 1)[1:] == arm.evals[1:]
 
 
 def fake_eval(out: Path, successes: int, episodes: int, sha256: str = "aaa", **protocol) -> None:

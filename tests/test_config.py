@@ -142,6 +142,24 @@ def test_train_help_lists_presets():
         assert name in out.stdout
 
 
+def test_every_config_field_is_described_and_help_prints_it():
+    """Each field's description lives in its dataclass's `Args:` docstring; `--help` prints its spelling and text."""
+    from vla.cli import overrides_help
+    from vla.config import field_docs
+
+    docs = field_docs()
+    assert docs.keys() == field_types().keys()
+    assert not [name for name, text in docs.items() if not text], "fields without a description in Args:"
+    assert docs["action.as_num_experts"] == docs["action.as_top_k"]  # `a, b: text` describes both
+    assert docs["train.steps"] and "\n" not in docs["action.nm_selection"]  # continuation lines joined
+    text = overrides_help()
+    assert "  --action.norm layernorm|rmsnorm\n" in text
+    assert "  --action.moh.horizons INT,...\n" in text
+    assert "  --data.image_size INT\n" in text
+    assert " ".join(docs["action.chunk_size"].split()[:4]) in text
+    assert "\n  --preset " not in text  # the option of its own, not an override
+
+
 def test_print_config_prints_resolved_json():
     out = _run("--preset", "tiny-cpu", "--train.steps", "7", "--print-config")
     assert out.returncode == 0, out.stderr

@@ -9,25 +9,49 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
-from vla.config import PRESETS, ConfigError, VLAConfig, apply_overrides, field_types, get_preset
+from vla.config import (
+    PRESETS,
+    ConfigError,
+    VLAConfig,
+    apply_overrides,
+    field_docs,
+    field_types,
+    get_preset,
+    metavar,
+)
 
 
 def build_parser(prog: str, description: str, default_preset: str = "tiny-cpu") -> argparse.ArgumentParser:
-    fields = field_types()
-    epilog = ["presets: " + ", ".join(PRESETS), "", "overrides (any config field, e.g. --train.steps 200):"]
-    epilog += [f"  --{name}" for name in fields]
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        epilog="\n".join(epilog),
+        epilog=overrides_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", default=default_preset, help=f"named preset ({', '.join(PRESETS)})")
     parser.add_argument("--config", default="", help="a config.json written by an earlier run (replaces --preset)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser
+
+
+def overrides_help(width: int = 116) -> str:
+    """The `--help` epilog: the presets, then every config field by section with its spelling and description."""
+    types, docs = field_types(), field_docs()
+    lines = ["presets: " + ", ".join(PRESETS), "",
+             "overrides: any config field, e.g. --train.steps 200 (`--print-config` shows a preset's values)"]
+    section = ""
+    for name, tp in types.items():
+        if name == "preset":  # the option above
+            continue
+        if name.split(".")[0] != section:
+            section = name.split(".")[0]
+            lines += ["", f"{section}:"]
+        lines.append(f"  --{name} {metavar(tp)}")
+        lines += textwrap.wrap(docs[name], width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def parse_config(

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -591,7 +593,11 @@ class EvalConfig:
 
 @dataclass
 class VLAConfig:
-    """A whole run: model, objective, data, training and evaluation."""
+    """A whole run: model, objective, data, training and evaluation.
+
+    Args:
+        preset: the named preset the run started from ("custom" for a config built by hand).
+    """
 
     preset: str = "custom"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -816,6 +822,52 @@ def field_types(cls: type = VLAConfig, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = tp
     return out
+
+
+def field_docs(cls: type = VLAConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted field name -> its description from the `Args:` section of its dataclass's docstring ("" if none).
+
+    The docstrings are where every field is documented; `train.py --help` prints these descriptions, and a test
+    keeps every field described."""
+    out: dict[str, str] = {}
+    hints = typing.get_type_hints(cls)
+    described = _args_section(cls.__doc__ or "")
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_docs(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = described.get(f.name, "")
+    return out
+
+
+def _args_section(doc: str) -> dict[str, str]:
+    """Google-style `Args:` entries of a docstring: `name: text` or `a, b: text` (shared by both), continued on
+    more deeply indented lines."""
+    lines = inspect.cleandoc(doc).splitlines()
+    if "Args:" not in lines:
+        return {}
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in lines[lines.index("Args:") + 1:]:
+        if line.strip() and not line.startswith(" "):
+            break  # the next section
+        entry = re.match(r"^ {4}([a-z_0-9]+(?:, [a-z_0-9]+)*): ?(.*)$", line)
+        if entry:
+            names = entry.group(1).split(", ")
+            out.update({name: entry.group(2) for name in names})
+        elif line.strip() and names:
+            out.update({name: f"{out[name]} {line.strip()}" for name in names})
+    return out
+
+
+def metavar(tp: Any) -> str:
+    """How a field's value is spelled on the command line, for `--help`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(args)
+    if origin is tuple:
+        return ",".join(metavar(a) for a in args) if Ellipsis not in args else f"{metavar(args[0])},..."
+    return {bool: "true|false", int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, str(tp))
 
 
 def apply_overrides(cfg: VLAConfig, overrides: dict[str, str]) -> VLAConfig:

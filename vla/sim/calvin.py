@@ -45,9 +45,9 @@ import numpy as np
 from vla.config import ConfigError, EvalConfig
 from vla.constants import EMBODIMENT, OBS_STATE, TASK, image_key
 from vla.sim import results as R
+from vla.sim.episode import close_quietly, failures_recorded, finished, lost_record
 from vla.sim.policies import (
     RANDOM_POLICY,
-    PolicyError,
     PolicySource,
     add_policy_set_argument,
     as_action,
@@ -657,24 +657,17 @@ class CalvinChainRunner:
         record = chain_record(job, self.cfg)
         record["started_at"] = round(time.time(), 3)
         rollout = ChainRollout()
-        try:
+        with failures_recorded(record, f"chain {job['chain']}", on_simulator_error=self.close):
             if self.sim is None:
                 self.sim = self.sim_factory()
             seed_everything(record["seed"])
             run_chain(self.sim, self.policy, job["condition"], job["tasks"], max_steps=self.cfg.calvin_max_steps,
                       video_stride=self.cfg.video_stride if job["video"] else 0, rollout=rollout)
-        except PolicyError as e:
-            logger.warning("chain %d: the policy raised %s", job["chain"], e)
-            record.update(error=str(e), error_source="policy")
-        except Exception as e:  # noqa: BLE001 - one broken chain is a failed chain, never a stopped run
-            logger.warning("chain %d: the simulator raised %s: %s", job["chain"], type(e).__name__, e)
-            record.update(error=f"{type(e).__name__}: {e}", error_source="simulator")
-            self.close()
         record.update(
             completed=rollout.completed, subtasks=rollout.subtasks,
-            wall_time_s=round(time.perf_counter() - start, 3), finished_at=round(time.time(), 3),
             time_s={"sim": round(rollout.time_sim, 3), "render": round(rollout.time_render, 3),
                     "policy": round(rollout.time_policy, 3), "oracle": round(rollout.time_oracle, 3)},
+            **finished(start),
         )
         if rollout.frames:
             name = f"chain{job['chain']:04d}_{rollout.completed}of{len(job['tasks'])}.mp4"
@@ -683,11 +676,7 @@ class CalvinChainRunner:
         return record
 
     def close(self) -> None:
-        if self.sim is not None:
-            try:
-                self.sim.close()
-            except Exception as e:  # noqa: BLE001 - a broken simulator must not hide the chain's own error
-                logger.debug("closing the CALVIN simulator failed: %s", e)
+        close_quietly(self.sim, "CALVIN simulator")
         self.sim = None
 
 
@@ -697,15 +686,6 @@ def chain_record(job: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
         "seed": episode_seed(cfg.seed, job["chain"]), "completed": 0, "subtasks": [], "wall_time_s": 0.0,
         "time_s": {}, "error": None, "error_source": None, "video": None, "pid": os.getpid(),
     }
-
-
-def lost_chain(cfg: EvalConfig):
-    def make(job: dict[str, Any], message: str) -> dict[str, Any]:
-        record = chain_record(job, cfg)
-        record.update(error=message, error_source="worker", pid=None)
-        return record
-
-    return make
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------
@@ -813,7 +793,7 @@ def evaluate_calvin(
     bar = R.progress_bar(len(chains), records, desc="calvin", disable=not progress, unit="chain",
                          postfix=chain_postfix)
     return R.run_logged(log, jobs, CalvinWorker(cfg, policy, str(out), sim), num_workers=cfg.num_workers,
-                        on_lost=lost_chain(cfg), bar=bar, postfix=chain_postfix,
+                        on_lost=lost_record(chain_record, cfg), bar=bar, postfix=chain_postfix,
                         finish=lambda records, wall_time_s: write_calvin_results(out, run_info, records,
                                                                                  wall_time_s=wall_time_s))
 

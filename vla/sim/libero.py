@@ -42,9 +42,9 @@ import numpy as np
 from vla.config import ConfigError, EvalConfig
 from vla.constants import OBS_IMAGES
 from vla.sim import results as R
+from vla.sim.episode import Episode, close_quietly, failures_recorded, lost_record
 from vla.sim.policies import (
     RANDOM_POLICY,
-    PolicyError,
     PolicySource,
     add_policy_set_argument,
     as_action,
@@ -205,20 +205,6 @@ def available_suites() -> list[str]:
 # ---- one episode -----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Episode:
-    """What one rollout produced (the record adds the job's identity and the output paths)."""
-
-    success: bool = False
-    steps: int = 0
-    policy_queries: int = 0
-    time_reset: float = 0.0
-    time_sim: float = 0.0
-    time_render: float = 0.0
-    time_policy: float = 0.0
-    frames: list[np.ndarray] = dataclasses.field(default_factory=list)
-
-
 def run_episode(
     env: Any,
     policy: Any,
@@ -372,7 +358,7 @@ class LiberoEpisodeRunner:
         record = episode_record(job, self.cfg)
         record["started_at"] = round(time.time(), 3)
         ep = Episode()
-        try:
+        with failures_recorded(record, f"{self.cfg.suite} task {task_id} episode {index}", on_simulator_error=self.close):
             task = get_task(self.cfg.suite, task_id)
             record["task"] = task.name
             init_states = get_init_states(self.cfg.suite, task_id)
@@ -392,20 +378,7 @@ class LiberoEpisodeRunner:
                 video_stride=self.cfg.video_stride if job["video"] else 0, episode=ep,
                 pad_to=self.protocol.resize_with_pad,
             )
-        except PolicyError as e:  # the env is fine: keep it
-            logger.warning("%s task %d episode %d: the policy raised %s", self.cfg.suite, task_id, index, e)
-            record.update(error=str(e), error_source="policy")
-        except Exception as e:  # noqa: BLE001 - one broken episode is a failed episode, never a stopped run
-            logger.warning("%s task %d episode %d: the simulator raised %s: %s", self.cfg.suite, task_id, index,
-                           type(e).__name__, e)
-            record.update(error=f"{type(e).__name__}: {e}", error_source="simulator")
-            self.close()  # the env may be in any state: the next episode builds a fresh one
-        record.update(
-            success=ep.success and record["error"] is None, steps=ep.steps, policy_queries=ep.policy_queries,
-            wall_time_s=round(time.perf_counter() - start, 3), finished_at=round(time.time(), 3),
-            time_s={"reset": round(ep.time_reset, 3), "sim": round(ep.time_sim, 3),
-                    "render": round(ep.time_render, 3), "policy": round(ep.time_policy, 3)},
-        )
+        ep.finish(record, start)
         keep = index < self.cfg.videos_per_task or not record["success"]
         if ep.frames and keep:
             name = f"task{task_id:02d}_ep{index:02d}_{'success' if record['success'] else 'failure'}.mp4"
@@ -414,11 +387,7 @@ class LiberoEpisodeRunner:
         return record
 
     def close(self) -> None:
-        if self.env is not None:
-            try:
-                self.env.close()
-            except Exception as e:  # noqa: BLE001 - a broken env must not hide the episode's own error
-                logger.debug("closing the LIBERO env failed: %s", e)
+        close_quietly(self.env, "LIBERO env")
         self.env, self.env_task = None, None
 
 
@@ -443,15 +412,6 @@ def episode_record(job: dict[str, Any], cfg: EvalConfig) -> dict[str, Any]:
         "policy_queries": 0, "wall_time_s": 0.0, "time_s": {}, "error": None, "error_source": None, "video": None,
         "pid": os.getpid(),
     }
-
-
-def lost_record(cfg: EvalConfig):
-    def make(job: dict[str, Any], message: str) -> dict[str, Any]:
-        record = episode_record(job, cfg)
-        record.update(error=message, error_source="worker", pid=None)
-        return record
-
-    return make
 
 
 # ---- a whole suite ---------------------------------------------------------------------------------------------
@@ -539,7 +499,7 @@ def evaluate_libero(
                 cfg.suite, len(task_ids), cfg.episodes_per_task, len(jobs), total - len(jobs), cfg.num_workers, out)
     bar = R.progress_bar(total, log.read(), desc=cfg.suite, disable=not progress)
     return R.run_logged(log, jobs, LiberoWorker(cfg, policy, str(out), protocol), num_workers=cfg.num_workers,
-                        on_lost=lost_record(cfg), bar=bar,
+                        on_lost=lost_record(episode_record, cfg), bar=bar,
                         finish=lambda records, wall_time_s: write_libero_results(out, run_info, records,
                                                                                  wall_time_s=wall_time_s))
 

@@ -46,11 +46,11 @@ import numpy as np
 
 from vla.constants import EMBODIMENT, OBS_STATE, TASK, image_key
 from vla.sim import results as R
-from vla.sim.libero import Episode, import_triton_before_egl
+from vla.sim.episode import Episode, close_quietly, failures_recorded, lost_record
+from vla.sim.libero import import_triton_before_egl
 from vla.sim.policies import (
     RANDOM_POLICY,
     CheckpointPolicy,
-    PolicyError,
     PolicySource,
     add_policy_set_argument,
     as_action,
@@ -341,7 +341,7 @@ class RobosuiteEpisodeRunner:
         record = episode_record(job, self.cfg)
         record["started_at"] = round(time.time(), 3)
         ep = Episode()
-        try:
+        with failures_recorded(record, f"{self.cfg.robot} {task} episode {index}", on_simulator_error=self.close):
             t0 = time.perf_counter()
             env = self._env(task)
             ep.time_reset += time.perf_counter() - t0
@@ -351,20 +351,7 @@ class RobosuiteEpisodeRunner:
                 image_size=self.cfg.resolved_image_size, cameras=self.cameras, replan_steps=self.cfg.replan_steps,
                 video_stride=self.cfg.video_stride if job["video"] else 0, episode=ep,
             )
-        except PolicyError as e:  # the env is fine: keep it
-            logger.warning("%s %s episode %d: the policy raised %s", self.cfg.robot, task, index, e)
-            record.update(error=str(e), error_source="policy")
-        except Exception as e:  # noqa: BLE001 - one broken episode is a failed episode, never a stopped run
-            logger.warning("%s %s episode %d: the simulator raised %s: %s", self.cfg.robot, task, index,
-                           type(e).__name__, e)
-            record.update(error=f"{type(e).__name__}: {e}", error_source="simulator")
-            self.close()  # the env may be in any state: the next episode builds a fresh one
-        record.update(
-            success=ep.success and record["error"] is None, steps=ep.steps, policy_queries=ep.policy_queries,
-            wall_time_s=round(time.perf_counter() - start, 3), finished_at=round(time.time(), 3),
-            time_s={"reset": round(ep.time_reset, 3), "sim": round(ep.time_sim, 3),
-                    "render": round(ep.time_render, 3), "policy": round(ep.time_policy, 3)},
-        )
+        ep.finish(record, start)
         if ep.frames and job["video"]:
             name = f"{task}_ep{index:02d}_{'success' if record['success'] else 'failure'}.mp4"
             record["video"] = R.save_rollout_video(self.out_dir, name, ep.frames,
@@ -372,11 +359,7 @@ class RobosuiteEpisodeRunner:
         return record
 
     def close(self) -> None:
-        if self.env is not None:
-            try:
-                self.env.close()
-            except Exception as e:  # noqa: BLE001 - a broken env must not hide the episode's own error
-                logger.debug("closing the robosuite env failed: %s", e)
+        close_quietly(self.env, "robosuite env")
         self.env, self.env_task = None, None
 
 
@@ -389,15 +372,6 @@ def episode_record(job: dict[str, Any], cfg: RobosuiteEvalConfig) -> dict[str, A
         "policy_seed": episode_seed(cfg.seed, task_id, index), "success": False, "steps": 0, "policy_queries": 0,
         "wall_time_s": 0.0, "time_s": {}, "error": None, "error_source": None, "video": None, "pid": os.getpid(),
     }
-
-
-def lost_record(cfg: RobosuiteEvalConfig):
-    def make(job: dict[str, Any], message: str) -> dict[str, Any]:
-        record = episode_record(job, cfg)
-        record.update(error=message, error_source="worker", pid=None)
-        return record
-
-    return make
 
 
 # ---- a whole robot -----------------------------------------------------------------------------------------------
@@ -481,7 +455,7 @@ def evaluate_robosuite(
                 out)
     bar = R.progress_bar(total, records, desc=cfg.robot, disable=not progress)
     return R.run_logged(log, jobs, RobosuiteWorker(cfg, policy, str(out), cameras), num_workers=cfg.num_workers,
-                        on_lost=lost_record(cfg), bar=bar,
+                        on_lost=lost_record(episode_record, cfg), bar=bar,
                         finish=lambda records, wall_time_s: write_robosuite_results(out, run_info, records,
                                                                                     wall_time_s=wall_time_s))
 
