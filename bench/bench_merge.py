@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Expert merging and compression after training (vla.tools.merge_experts): what K experts per layer cost and keep.
 
-For every trained MoE checkpoint present (the `tiny-cpu`, `himoe`, `mode`, `panda+ur5e`, `himoe-ref` and `mode-ref`
-arms of bench/bench_learning.py in `checkpoints/bench-learning/<arm>/last`; arms not trained yet are skipped and
-named), and
+For every trained MoE checkpoint present (the `tiny-cpu`, `tiny-cpu-2400`, `himoe`, `mode`, `panda+ur5e`,
+`himoe-ref` and `mode-ref` arms of bench/bench_learning.py in `checkpoints/bench-learning/<arm>/last`; arms not
+trained yet are skipped and named; `VLA_MERGE_ARMS=tiny-cpu-2400,himoe-ref` measures only those), and
 for K in {1, 2, E/2} (per routed kind, capped at its E): MC-SMoE merging (aligned, frequency-weighted), the same with
 low-rank + sparse compression, and naive uniform averaging of the same groups. Reported per variant against the
 unmerged model, all on the same calibration / held-out observations of the arm's own training mixture:
@@ -48,7 +48,9 @@ from vla.policy import VLAPolicy, resolve_checkpoint  # noqa: E402
 from vla.tools.calibration import collect_routing, mixture_batches, routed_layers  # noqa: E402
 from vla.tools.merge_experts import merge_policy  # noqa: E402
 
-ARMS = ("tiny-cpu", "himoe", "mode", "panda+ur5e", "himoe-ref", "mode-ref")
+ARMS = ("tiny-cpu", "tiny-cpu-2400", "himoe", "mode", "panda+ur5e", "himoe-ref", "mode-ref")
+ARMS_ENV = "VLA_MERGE_ARMS"
+"""Comma-separated arms to measure (default: all of ARMS); the rows of the others are kept by bench/run.py."""
 LIBERO_ENV = "VLA_MERGE_LIBERO"
 LIBERO_VARIANTS = ("K=1 mcsmoe", "K=1 uniform", "K=2 mcsmoe", "K=2 uniform", "K=E/2 mcsmoe",
                    "K=E/2 mcsmoe + rank 64")
@@ -293,7 +295,7 @@ def run(quick: bool) -> list[dict]:
         ckpt, data = quick_policy(work)
         return measure_checkpoint("debug, quick", ckpt, data, quick=True)
     rows, missing = [], []
-    for arm in ARMS:
+    for arm in chosen_arms():
         last = REPO / "checkpoints" / "bench-learning" / arm / "last"
         if not last.exists():
             missing.append(arm)
@@ -308,10 +310,23 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
+def chosen_arms() -> tuple[str, ...]:
+    """The arms `VLA_MERGE_ARMS` names (all of ARMS when it is unset); an unknown name is an error."""
+    text = os.environ.get(ARMS_ENV, "").strip()
+    if not text:
+        return ARMS
+    arms = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"bench_merge: unknown arm(s) {unknown} in {ARMS_ENV}; arms: {list(ARMS)}")
+    return arms
+
+
 def partial() -> bool:
-    """True when some arms have no checkpoint here (a fresh machine, or arms not trained yet): bench/run.py then
-    keeps those arms' rows from the run that measured them, each with its date, instead of dropping them."""
-    return any(not (REPO / "checkpoints" / "bench-learning" / arm / "last").exists() for arm in ARMS)
+    """True when some arms are not measured (not chosen, or no checkpoint here: a fresh machine, arms not trained
+    yet): bench/run.py then keeps those arms' rows from the run that measured them, each with its date."""
+    return set(chosen_arms()) != set(ARMS) or any(
+        not (REPO / "checkpoints" / "bench-learning" / arm / "last").exists() for arm in ARMS)
 
 
 def main() -> None:

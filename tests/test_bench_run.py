@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -422,3 +423,27 @@ def test_merge_rows_of_arms_without_a_checkpoint_here_are_kept(monkeypatch, tmp_
     assert not module.partial()
     (tmp_path / "checkpoints" / "bench-learning" / module.ARMS[0] / "last").rmdir()
     assert module.partial()
+
+
+def test_merge_measures_only_the_arms_chosen_and_keeps_the_others(monkeypatch, tmp_path):
+    """`VLA_MERGE_ARMS` picks arms (one merge bench need not redo every checkpoint's simulations); choosing some makes
+    the run partial, and an unknown arm stops it before any work."""
+    monkeypatch.syspath_prepend(str(BENCH_RUN.parent))
+    module = load_bench(BENCH_RUN.parent / "bench_merge.py", monkeypatch)
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    for arm in module.ARMS:
+        (tmp_path / "checkpoints" / "bench-learning" / arm / "last").mkdir(parents=True)
+    monkeypatch.delenv(module.ARMS_ENV, raising=False)
+    assert module.chosen_arms() == module.ARMS and not module.partial()
+    monkeypatch.setenv(module.ARMS_ENV, "tiny-cpu-2400, himoe-ref")
+    assert module.chosen_arms() == ("tiny-cpu-2400", "himoe-ref") and module.partial()
+    measured = []
+    monkeypatch.setattr(module, "resolve_checkpoint", lambda last: last)
+    policy = SimpleNamespace(config=SimpleNamespace(data=SimpleNamespace(mixture="mixture.yaml")))
+    monkeypatch.setattr(module.VLAPolicy, "from_pretrained", lambda ckpt: policy)
+    monkeypatch.setattr(module, "measure_checkpoint", lambda name, *a, **k: measured.append(name) or [])
+    module.run(quick=False)
+    assert measured == ["tiny-cpu-2400", "himoe-ref"]
+    monkeypatch.setenv(module.ARMS_ENV, "tiny")
+    with pytest.raises(SystemExit, match="unknown arm"):
+        module.chosen_arms()
