@@ -25,7 +25,8 @@ they run. The arms:
                  token-level AS-Reg and HB-Reg summed over layers, 10 flow steps, 10 actions per query)
     mode-ref     the mode arm's pattern with every action and objective option of the `mode` preset (MoDE's
                  recipe: SwiGLU experts, MLP router, multinomial selection in training, shared noise shift,
-                 EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, 10 actions per query)
+                 MoDE's block and attention, EDM with log-logistic sigmas, 10 DDIM steps on the exponential
+                 schedule, 10 actions per query)
     moh-ref      the moh arm (the preset's layers, chunk 20 at horizons 5,10,15,20) with every other action option of
                  the `moh-pi0` preset (gate noise, segment-wise balance, the relative dynamic rule); evaluated with
                  dynamic execution and at a fixed 5 actions per chunk, scale_ratio tried on validation episodes.
@@ -220,7 +221,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         reference_overrides("himoe-paligemma", "as,hb,hb,hb,hb,as"), evals=REF_EVALS),
     Arm("mode-ref", "MoDE's recipe (the mode preset's action and objective options) at tiny-cpu's size, the mode "
         "arm's pattern nm x 6: SwiGLU 4 x 1024 top-2, MLP router, multinomial selection in training, one shared "
-        "noise shift, RMSNorm, EDM with log-logistic sigmas, 10 DDIM steps on the exponential schedule, "
+        "noise shift, MoDE's block (RMSNorm, also on q/k and on the stream before each FFN; biased q/k/v), EDM "
+        "with log-logistic sigmas, 10 DDIM steps on the exponential schedule, "
         "10 actions per query; also evaluated at 5 actions per query, the earlier arms' execution",
         reference_overrides("mode", "nm,nm,nm,nm,nm,nm"), evals=REF_EVALS),
     Arm("moh-ref", "Mixture of Horizons as its reference runs it on LIBERO (the moh-pi0 preset's action options) on "

@@ -329,9 +329,11 @@ def test_relative_rule_disagreement_is_the_gate_weighted_one_step_l1():
     {"noise_shift": "shared", "noise_embedding": "linear"},
     {"norm": "rmsnorm", "expert_activation": "swiglu", "dense_activation": "geglu"},
     {"time_fusion": "action_mlp", "noise_conditioned_attention": False, "expert_activation": "geglu"},
+    {"ffn_residual": "normed", "attention_bias": True, "qk_norm": True},
     {"nm_router": "mlp", "nm_selection": "multinomial", "noise_shift": "shared", "noise_embedding": "linear",
-     "norm": "rmsnorm", "expert_activation": "swiglu", "nm_balance_form": "mode"},
-], ids=["mlp-router", "shared-shift", "glu-rmsnorm", "action-time-mlp", "mode-all"])
+     "norm": "rmsnorm", "expert_activation": "swiglu", "nm_balance_form": "mode", "ffn_residual": "normed",
+     "attention_bias": True, "qk_norm": True},
+], ids=["mlp-router", "shared-shift", "glu-rmsnorm", "action-time-mlp", "mode-block", "mode-all"])
 @pytest.mark.parametrize("kind", ["flow", "edm"])
 def test_expert_cache_is_exact_with_reference_options(options, kind):
     objective = ObjectiveConfig(kind=kind, num_inference_steps=4, sampler="ddim" if kind == "edm" else "euler")
@@ -345,6 +347,51 @@ def test_expert_cache_is_exact_with_reference_options(options, kind):
     assert len(model.expert_cache) > 0
     routed = model.sample(*sample_args(batch), noise=noise, use_expert_cache=False)
     torch.testing.assert_close(cached.actions, routed.actions, rtol=1e-5, atol=1e-5)
+
+
+def test_mode_block_continues_from_the_normalised_stream():
+    """MoDE's block: x <- x + attn(norm1(x) + c); x <- norm2(x); out = x + FFN(x). With the attention's output
+    projection zeroed the block is norm2(x) + MLP(norm2(x)), by hand with RMSNorm's formula."""
+    from vla.action.moe import RouteContext
+
+    outs = {}
+    for residual in ("pre_norm", "normed"):
+        block = head("d", norm="rmsnorm", ffn_residual=residual).transformer.blocks[0]
+        with torch.no_grad():
+            block.attn.proj.weight.zero_()
+            block.norm2.weight.copy_(torch.linspace(0.5, 1.5, 32))
+        x = torch.randn(2, 5, 32)
+        kv = block.attn.project_prefix(torch.randn(2, 3, PW))
+        mask = torch.ones(2, 1, 5, 8, dtype=torch.bool)
+        out, _ = block(x, kv, mask, RouteContext(cond=None, descriptor=None), shift=None)
+        normed = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * block.norm2.weight
+        outs[residual] = (out, x, normed, block.ffn(normed))
+    out, x, normed, mlp = outs["normed"]
+    torch.testing.assert_close(out, normed + mlp, rtol=1e-5, atol=1e-5)
+    out, x, normed, mlp = outs["pre_norm"]
+    torch.testing.assert_close(out, x + mlp, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys_and_bias_is_optional():
+    """RMSNorm over each head's queries and keys: scaling the query/key projections (own and prefix tokens) leaves
+    the attention unchanged, which it does not without qk_norm; `attention_bias` adds biases to q/k/v only."""
+    from vla.action.transformer import Attention
+
+    torch.manual_seed(0)
+    x, prefix = torch.randn(2, 5, 32), torch.randn(2, 3, PW)
+    mask = torch.ones(2, 1, 5, 8, dtype=torch.bool)
+    for qk_norm in (True, False):
+        attn = Attention(32, 2, PW, 0.0, bias=True, qk_norm=qk_norm)
+        assert attn.qkv.bias is not None and attn.prefix_kv.bias is not None and attn.proj.bias is None
+        before = attn(x, attn.project_prefix(prefix), mask)
+        with torch.no_grad():
+            attn.qkv.weight[:64] *= 7.0  # queries and keys
+            attn.qkv.bias[:64] *= 7.0
+            attn.prefix_kv.weight[:32] *= 7.0  # prefix keys
+            attn.prefix_kv.bias[:32] *= 7.0
+        after = attn(x, attn.project_prefix(prefix), mask)
+        assert torch.allclose(before, after, atol=1e-5) == qk_norm
+    assert Attention(32, 2, PW, 0.0).qkv.bias is None
 
 
 def test_action_time_fusion_drops_the_noise_token():
@@ -379,6 +426,7 @@ def test_presets_select_the_reference_options():
     mode = get_preset("mode")
     assert (mode.action.nm_router, mode.action.nm_selection, mode.action.noise_shift, mode.action.noise_embedding,
             mode.action.nm_balance_form) == ("mlp", "multinomial", "shared", "linear", "mode")
+    assert (mode.action.ffn_residual, mode.action.attention_bias, mode.action.qk_norm) == ("normed", True, True)
     assert (mode.objective.sampler, mode.objective.sigma_schedule, mode.objective.sigma_density) == \
         ("ddim", "exponential", "loglogistic")
     moh = get_preset("moh-pi0").action.moh
@@ -390,7 +438,8 @@ def test_presets_select_the_reference_options():
 def test_old_configs_load_with_todays_behaviour():
     data = get_preset("debug").to_dict()
     new = {"nm_router", "nm_selection", "nm_balance_form", "as_reg_form", "loss_layer_reduction", "noise_shift",
-           "noise_embedding", "time_fusion", "norm", "dense_activation", "expert_activation"}
+           "noise_embedding", "time_fusion", "norm", "dense_activation", "expert_activation", "ffn_residual",
+           "attention_bias", "qk_norm"}
     for name in new:
         data["action"].pop(name)
     for name in ("balance_form", "gate_noise", "dynamic_rule", "scale_ratio", "min_replan_steps",

@@ -187,6 +187,11 @@ class ActionConfig:
             beside the state token; "action_mlp" (pi0, HiMoE): each action token is W_out swish(W_in [a; phi(t)])
             with sinusoidal phi(t), and there is no noise token.
         norm: "layernorm" or "rmsnorm" (HiMoE, MoDE) for the block and output norms.
+        ffn_residual: what the FFN adds to: "pre_norm", the residual stream (x + FFN(norm(x))); "normed" (MoDE's
+            reference), the normalised stream, which then carries on (norm(x) + FFN(norm(x))).
+        attention_bias: biases on the query, key and value projections (MoDE's reference; the output projection
+            stays bias-free).
+        qk_norm: RMSNorm (eps 1e-6, over each head's dimensions) on the queries and keys (MoDE's reference).
         dense_activation: FFN of `d` layers: "gelu", "geglu" (HiMoE's Gemma dense layers) or "swiglu".
         expert_activation: FFN of every routed and shared expert: "gelu", "geglu" or "swiglu" (HiMoE, MoDE).
         dropout: dropout inside the transformer.
@@ -233,6 +238,9 @@ class ActionConfig:
     noise_embedding: Literal["sinusoidal", "linear"] = "sinusoidal"
     time_fusion: Literal["token", "action_mlp"] = "token"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    ffn_residual: Literal["pre_norm", "normed"] = "pre_norm"
+    attention_bias: bool = False
+    qk_norm: bool = False
     dense_activation: Literal["gelu", "geglu", "swiglu"] = "gelu"
     expert_activation: Literal["gelu", "geglu", "swiglu"] = "gelu"
     dropout: float = 0.0
@@ -313,7 +321,8 @@ class ActionConfig:
                       nm_balance_form=("switch", "mode"), as_reg_form=("sample", "token"),
                       loss_layer_reduction=("mean", "reference"), noise_shift=("per_layer", "shared"),
                       noise_embedding=("sinusoidal", "linear"), time_fusion=("token", "action_mlp"),
-                      norm=("layernorm", "rmsnorm"), dense_activation=("gelu", "geglu", "swiglu"),
+                      norm=("layernorm", "rmsnorm"), ffn_residual=("pre_norm", "normed"),
+                      dense_activation=("gelu", "geglu", "swiglu"),
                       expert_activation=("gelu", "geglu", "swiglu"))
         moh = self.moh
         _check_choice(moh, "action.moh.", balance_form=("coverage", "segment_cv"),
@@ -711,9 +720,10 @@ def _mode() -> VLAConfig:
     width 1024 and 8 heads, each FFN a noise-routed MoE of 4 SwiGLU experts (hidden 4 x width) with top-2 selection
     by a two-layer MLP router on the noise embedding alone (multinomial draws while training, argmax at inference),
     the noise embedding a linear map of log(sigma) / 4 added to every layer's attention input (one shared shift)
-    and used as an input token, RMSNorm, load balance averaged over layers with weight 0.01 (its from-scratch
+    and used as an input token, RMSNorm (also on queries and keys, and on the residual stream before each FFN),
+    biased query/key/value projections, load balance averaged over layers with weight 0.01 (its from-scratch
     setting); EDM with sigma in [0.001, 80], sigma_data 0.5, a log-logistic training density, the exponential
-    schedule and 10 first-order DDIM steps. Deliberate variations (encoder, attention details, dropout): the MoDE
+    schedule and 10 first-order DDIM steps. Deliberate variations (encoder, token layout, dropout): the MoDE
     table of docs/methods.md."""
     return VLAConfig(
         preset="mode",
@@ -722,8 +732,8 @@ def _mode() -> VLAConfig:
             chunk_size=10, n_action_steps=10, width=1024, num_heads=8, ffn_dim=4096,
             layers=",".join(["nm"] * 12), nm_num_experts=4, nm_top_k=2, nm_balance_weight=0.01,
             nm_balance_form="mode", nm_router="mlp", nm_selection="multinomial", noise_conditioned_attention=True,
-            noise_shift="shared", noise_embedding="linear", norm="rmsnorm", expert_activation="swiglu",
-            loss_layer_reduction="reference",
+            noise_shift="shared", noise_embedding="linear", norm="rmsnorm", ffn_residual="normed",
+            attention_bias=True, qk_norm=True, expert_activation="swiglu", loss_layer_reduction="reference",
         ),
         objective=ObjectiveConfig(kind="edm", sampler="ddim", num_inference_steps=10, sigma_min=0.001,
                                   sigma_max=80.0, sigma_data=0.5, sigma_schedule="exponential",

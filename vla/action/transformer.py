@@ -57,27 +57,35 @@ def sinusoidal_embedding(level: Tensor, dim: int, min_period: float = 4e-3, max_
 
 
 class Attention(nn.Module):
-    """Multi-head attention of the own tokens over [prefix keys/values ; own keys/values]."""
+    """Multi-head attention of the own tokens over [prefix keys/values ; own keys/values].
 
-    def __init__(self, width: int, num_heads: int, prefix_width: int, dropout: float) -> None:
+    `bias` puts biases on the query/key/value projections (own and prefix tokens alike); `qk_norm` applies RMSNorm
+    over each head's dimensions to every query and key (MoDE's reference does both)."""
+
+    def __init__(self, width: int, num_heads: int, prefix_width: int, dropout: float, *, bias: bool = False,
+                 qk_norm: bool = False) -> None:
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
-        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
         self.prefix_norm = nn.LayerNorm(prefix_width)
-        self.prefix_kv = nn.Linear(prefix_width, 2 * width, bias=False)
+        self.prefix_kv = nn.Linear(prefix_width, 2 * width, bias=bias)
         self.proj = nn.Linear(width, width, bias=False)
+        head_dim = width // num_heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def project_prefix(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(B, P, prefix_width) -> keys, values (B, heads, P, head_dim)."""
         kv = self.prefix_kv(self.prefix_norm(tokens.to(self.prefix_kv.weight.dtype)))
         k, v = rearrange(kv, "b p (two h d) -> two b h p d", two=2, h=self.num_heads)
-        return k, v
+        return self.k_norm(k), v
 
     def forward(self, x: Tensor, prefix_kv: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
         """x: (B, T, D); mask: (B, 1, T, P + T) bool (True = may attend) -> (B, T, D)."""
         # "b t (three h d) -> three b h t d" as a view: this runs layers x denoising steps times per chunk, where
         # einops' per-call overhead is a measurable share of a batch-1 step on CPU.
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
         k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
         v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
@@ -91,14 +99,17 @@ def make_norm(cfg: ActionConfig, width: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block whose FFN kind is one of d, as, hb, nm."""
+    """Pre-norm transformer block whose FFN kind is one of d, as, hb, nm (with `ffn_residual="normed"`, MoDE's
+    block: the stream continues from the FFN's normalised input)."""
 
     def __init__(self, cfg: ActionConfig, kind: str, layer: int, prefix_width: int, action_dim: int) -> None:
         super().__init__()
         d = cfg.width
         self.kind = kind
         self.norm1 = make_norm(cfg, d)
-        self.attn = Attention(d, cfg.num_heads, prefix_width, cfg.dropout)
+        self.attn = Attention(d, cfg.num_heads, prefix_width, cfg.dropout, bias=cfg.attention_bias,
+                              qk_norm=cfg.qk_norm)
+        self.normed_residual = cfg.ffn_residual == "normed"
         per_layer = cfg.noise_conditioned_attention and cfg.noise_shift == "per_layer"
         self.noise_proj = nn.Linear(d, d, bias=False) if per_layer else None
         self.norm2 = make_norm(cfg, d)
@@ -133,6 +144,8 @@ class Block(nn.Module):
             h = h + shift
         x = x + self._drop(self.attn(h, prefix_kv, mask))
         h = self.norm2(x)
+        if self.normed_residual:
+            x = h
         if self.kind == "d":
             y, record = self.ffn(h), None
         elif fused is not None:
