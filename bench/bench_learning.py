@@ -509,6 +509,9 @@ def summarize(plan: Plan, arm: Arm) -> dict:
         figures[f"{out}_success"] = round(other["success_rate"], 3)
         figures[f"{out}_actions_per_query"] = round(other["actions_per_query"], 2)
     tuned = ""
+    own = run_dir / arm.evals[0][0] / "results.json"
+    if chosen != 0 and own.is_file():  # the arm's own setting on the official states, when it was evaluated too
+        figures[f"{arm.evals[0][0]}_success"] = round(json.loads(own.read_text())["summary"]["success_rate"], 3)
     if arm.tune:
         figures["chosen_on_validation"] = arm.tune[chosen][0]
         tuned = (f"; settings tried on validation episodes ({', '.join(o for o, _ in arm.tune)}_success), the "
