@@ -333,7 +333,7 @@ def pretrain_rows(plan: Plan, head: str) -> list[dict]:
                      "min(embodiments, experts)), mean over routed layers",
                      "value": round(sum(by_embodiment) / len(by_embodiment), 3),
                      "goal": "", "met": None, "figures": spec,
-                     "notes": f"usage heatmaps and trees: {report.parent.relative_to(REPO)}/ (routing_report)"})
+                     "notes": f"usage heatmaps and trees: {BL.display(report.parent)}/ (routing_report)"})
     return rows
 
 
@@ -480,11 +480,7 @@ def chosen_arms() -> list[str]:
 
 
 def parse_arms(text: str) -> list[str]:
-    arms = [a.strip() for a in text.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in arm_names()]
-    if unknown:
-        raise SystemExit(f"bench_hetero: unknown arm(s) {unknown}; arms: {arm_names()}")
-    return arms
+    return BL.parse_arm_list(text, arm_names(), "bench_hetero")
 
 
 def run(quick: bool) -> list[dict]:

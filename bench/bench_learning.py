@@ -362,9 +362,13 @@ def train_and_evaluate(plan: Plan, arm: Arm) -> Path:
 def choose_setting(run_dir: Path, arm: Arm) -> int:
     """Index in `arm.tune` of the candidate with the best validation success (the first, the arm's own, on a tie;
     0 for an arm without candidates)."""
-    rates = [json.loads((run_dir / out / "results.json").read_text())["summary"]["success_rate"]
-             for out, _ in arm.tune]
+    rates = [eval_results(run_dir, out)["summary"]["success_rate"] for out, _ in arm.tune]
     return max(range(len(rates)), key=lambda i: (rates[i], -i), default=0)
+
+
+def eval_results(run_dir: Path, out: str) -> dict:
+    """The results.json an evaluation of this arm wrote into `run_dir/out`."""
+    return json.loads((run_dir / out / "results.json").read_text())
 
 
 def official_evals(arm: Arm, chosen: int) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -490,7 +494,7 @@ def summarize(plan: Plan, arm: Arm) -> dict:
     chunks_per_s, chunk = inference_rate(run_dir, arm)
     chosen = choose_setting(run_dir, arm)
     (headline, _), *others = official_evals(arm, chosen)
-    results = json.loads((run_dir / headline / "results.json").read_text())
+    results = eval_results(run_dir, headline)
     summary = results["summary"]
     figures = {
         "final_loss": round(sum(v for _, v in tail) / len(tail), 4) if tail else None,
@@ -505,13 +509,13 @@ def summarize(plan: Plan, arm: Arm) -> dict:
                                               embodiments={PANDA, UR5E})
     figures["actions_per_query"] = round(summary["actions_per_query"], 2)
     for out, _ in (*others, *arm.tune):
-        other = json.loads((run_dir / out / "results.json").read_text())["summary"]
+        other = eval_results(run_dir, out)["summary"]
         figures[f"{out}_success"] = round(other["success_rate"], 3)
         figures[f"{out}_actions_per_query"] = round(other["actions_per_query"], 2)
     tuned = ""
-    own = run_dir / arm.evals[0][0] / "results.json"
-    if chosen != 0 and own.is_file():  # the arm's own setting on the official states, when it was evaluated too
-        figures[f"{arm.evals[0][0]}_success"] = round(json.loads(own.read_text())["summary"]["success_rate"], 3)
+    own = arm.evals[0][0]
+    if chosen != 0 and (run_dir / own / "results.json").is_file():  # the arm's own setting, when evaluated too
+        figures[f"{own}_success"] = round(eval_results(run_dir, own)["summary"]["success_rate"], 3)
     if arm.tune:
         figures["chosen_on_validation"] = arm.tune[chosen][0]
         tuned = (f"; settings tried on validation episodes ({', '.join(o for o, _ in arm.tune)}_success), the "
@@ -567,7 +571,13 @@ def plot_routing(tb: dict[str, list[tuple[int, float]]], path: Path, embodiments
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+    return display(path)
+
+
+def display(path: Path | str) -> str:
+    """A path as the benches' rows show it: relative to the repository when inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(path)
 
 
 # ---- entry points ----------------------------------------------------------------------------------------------
@@ -611,10 +621,16 @@ def chosen_arms() -> list[str]:
 
 
 def parse_arms(text: str) -> list[str]:
+    return parse_arm_list(text, list(ARMS), "bench_learning")
+
+
+def parse_arm_list(text: str, known: list[str], bench: str) -> list[str]:
+    """Comma-separated arm names (the learning, hetero and merge benches' selections); an unknown one stops the
+    run before any work, naming the known arms."""
     arms = [a.strip() for a in text.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if a not in known]
     if unknown:
-        raise SystemExit(f"bench_learning: unknown arm(s) {unknown}; arms: {list(ARMS)}")
+        raise SystemExit(f"{bench}: unknown arm(s) {unknown}; arms: {known}")
     return arms
 
 

@@ -39,9 +39,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_learning import display, parse_arm_list  # noqa: E402 - what every bench shares
 
 from vla.constants import ACTION_MASK, OBS_STATE, STATE_MASK  # noqa: E402
 from vla.policy import VLAPolicy, resolve_checkpoint  # noqa: E402
@@ -121,14 +123,6 @@ def quick_policy(work: Path) -> tuple[Path, str]:
 
 
 # ---- measurements ------------------------------------------------------------------------------------------------
-
-
-def display(path: Path | str) -> str:
-    """A path as the notes show it: relative to the repository when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def expert_params(policy: VLAPolicy) -> tuple[int, int]:
@@ -313,13 +307,7 @@ def run(quick: bool) -> list[dict]:
 def chosen_arms() -> tuple[str, ...]:
     """The arms `VLA_MERGE_ARMS` names (all of ARMS when it is unset); an unknown name is an error."""
     text = os.environ.get(ARMS_ENV, "").strip()
-    if not text:
-        return ARMS
-    arms = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"bench_merge: unknown arm(s) {unknown} in {ARMS_ENV}; arms: {list(ARMS)}")
-    return arms
+    return tuple(parse_arm_list(text, list(ARMS), f"bench_merge ({ARMS_ENV})")) if text else ARMS
 
 
 def partial() -> bool:

@@ -70,22 +70,23 @@ class Attention(nn.Module):
         self.prefix_norm = nn.LayerNorm(prefix_width)
         self.prefix_kv = nn.Linear(prefix_width, 2 * width, bias=bias)
         self.proj = nn.Linear(width, width, bias=False)
-        head_dim = width // num_heads
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        # None rather than nn.Identity when off: forward runs layers x denoising steps times per chunk
+        self.q_norm = nn.RMSNorm(width // num_heads, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(width // num_heads, eps=1e-6) if qk_norm else None
 
     def project_prefix(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """(B, P, prefix_width) -> keys, values (B, heads, P, head_dim)."""
         kv = self.prefix_kv(self.prefix_norm(tokens.to(self.prefix_kv.weight.dtype)))
         k, v = rearrange(kv, "b p (two h d) -> two b h p d", two=2, h=self.num_heads)
-        return self.k_norm(k), v
+        return (k if self.k_norm is None else self.k_norm(k)), v
 
     def forward(self, x: Tensor, prefix_kv: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
         """x: (B, T, D); mask: (B, 1, T, P + T) bool (True = may attend) -> (B, T, D)."""
         # "b t (three h d) -> three b h t d" as a view: this runs layers x denoising steps times per chunk, where
         # einops' per-call overhead is a measurable share of a batch-1 step on CPU.
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
         v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

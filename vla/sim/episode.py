@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 
 from vla.sim.policies import PolicyError
+from vla.sim.runner import Job, Record
 
 logger = logging.getLogger(__name__)
-
-Record = dict[str, Any]
-Job = dict[str, Any]
 
 
 @dataclasses.dataclass
