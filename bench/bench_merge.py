@@ -133,17 +133,21 @@ def expert_params(policy: VLAPolicy) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def ms_per_chunk(policy: VLAPolicy, batch: dict, repeats: int) -> float:
-    """Median ms of one chunk (encode + sampling) for the first sample of `batch`, expert cache on."""
+def ms_per_chunk(batch: dict, *policies: VLAPolicy, repeats: int) -> list[float]:
+    """Median ms of one chunk (encode + sampling) of each policy for the first sample of `batch`, expert cache on.
+
+    The policies are timed in turns, one chunk each per round, so that a slow spell of a shared machine falls on
+    all of them alike: timed one after the other, two merges of the same shape once read 31 and 21 ms here."""
     one = {k: v[:1] for k, v in batch.items()}
-    noise = torch.zeros(1, policy.config.action.chunk_size, policy.config.data.unified_action_dim)
-    times = []
+    times: list[list[float]] = [[] for _ in policies]
     for _ in range(repeats + 1):
-        start = time.perf_counter()
-        prefix = policy.encode(one)
-        policy.head.sample(prefix, one[OBS_STATE], one[STATE_MASK], one[ACTION_MASK], noise=noise)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times[1:])  # the first call builds the expert cache
+        for policy, spent in zip(policies, times, strict=True):
+            noise = torch.zeros(1, policy.config.action.chunk_size, policy.config.data.unified_action_dim)
+            start = time.perf_counter()
+            prefix = policy.encode(one)
+            policy.head.sample(prefix, one[OBS_STATE], one[STATE_MASK], one[ACTION_MASK], noise=noise)
+            spent.append(1e3 * (time.perf_counter() - start))
+    return [statistics.median(spent[1:]) for spent in times]  # the first call builds the expert cache
 
 
 @torch.no_grad()
@@ -226,7 +230,7 @@ def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool, arm_dir: P
     calibration = collect_routing(policy, calib, n_calib)
     base_params = sum(p.numel() for p in policy.parameters())
     base_experts, base_bytes = expert_params(policy)
-    base_ms = ms_per_chunk(policy, evaluation[0], repeats)
+    (base_ms,) = ms_per_chunk(evaluation[0], policy, repeats=repeats)
     base_loss, base_se, reference, _ = held_out(policy, evaluation, None)
     rank = 8 if quick else 64
     local = None  # the arm's in-process LIBERO evaluation, the reference of the merged variants' success
@@ -245,14 +249,15 @@ def measure_checkpoint(name: str, ckpt: Path, data: str, quick: bool, arm_dir: P
                                      sparse_fraction=0.05, checkpoint_dir=ckpt)
             experts, nbytes = expert_params(merged)  # with compression: the factored banks the model holds
             loss, se, _, dev = held_out(merged, evaluation, reference)
+            merged_ms, unmerged_ms = ms_per_chunk(evaluation[0], merged, policy, repeats=repeats)
             variant = f"{label} {method}" + (f" + rank {rank}" if compress else "")
             rows.append({
                 "benchmark": f"expert merging ({name})", "metric": f"{variant}: expert memory vs unmerged",
                 "value": nbytes / base_bytes, "goal": "", "met": None,
                 "figures": {"groups": ",".join(f"{k}={v}" for k, v in groups.items()),
                             "params": sum(p.numel() for p in merged.parameters()), "expert_params": experts,
-                            "expert_MiB": nbytes / 2**20, "ms_per_chunk": ms_per_chunk(merged, evaluation[0], repeats),
-                            "ms_per_chunk_unmerged": base_ms, "heldout_loss": loss, "heldout_loss_se": se,
+                            "expert_MiB": nbytes / 2**20, "ms_per_chunk": merged_ms,
+                            "ms_per_chunk_unmerged": unmerged_ms, "heldout_loss": loss, "heldout_loss_se": se,
                             "heldout_loss_unmerged": base_loss, "chunk_msd_vs_unmerged": dev},
                 "notes": "compressed: the loaded model's factored expert banks (factors, sparse values, indices)"
                 if compress else "",
