@@ -16,6 +16,8 @@ checkpoints and episode logs, so a run stopped anywhere continues where it stopp
                        MoE heads, the same with `--train.freeze_routers true`), FT_STEPS steps each; 50 episodes
                        on the new robot each                                                            ~60 min
     scratch-<head>     the same head trained from scratch on the same demonstrations for the same steps  ~30 min
+    seeds-<head>       the 10-demonstration fine-tune (routers free) and scratch run again at training seeds
+                       REPEAT_SEEDS: how far one training's success moves, and the difference over all seeds ~40 min
     as-study           why an `as` layer stays unspecialised: the tiny-cpu head pretrained STUDY_STEPS steps at each
                        AS-Reg weight of AS_REG_WEIGHTS, the separation of each `as` layer read by routing_report
                                                                                                         ~40 min
@@ -70,6 +72,10 @@ AS_REG_WEIGHTS = (0.002, 0.1, 1.0)
 the router's gradient (0.1 is the tiny-cpu preset's now)."""
 DEMOS = (10, 25)
 """Demonstrations per task of the new robot in the two fine-tuning sizes."""
+REPEAT_SEEDS = (1, 2)
+"""Training seeds (`--train.seed`, `--data.seed`) of the seeds arms, beside the ft and scratch arms' seed 0."""
+REPEAT_DEMOS = 10
+"""Demonstrations per task of the seeds arms: the size where the heads' gains from pretraining differ most."""
 
 GENERATORS: dict[str, tuple[str, ...]] = {
     "libero_object_tasks0-9": ("datasets/libero_expert.py", "--suite", "libero_object", "--tasks", "0-9",
@@ -108,7 +114,7 @@ ROUTED_HEADS = ("tiny-cpu", "himoe", "mode")
 
 
 def arm_names() -> list[str]:
-    return ["data", *(f"{kind}-{head}" for kind in ("pre", "ft", "scratch") for head in HEADS), "as-study"]
+    return ["data", *(f"{kind}-{head}" for kind in ("pre", "ft", "scratch", "seeds") for head in HEADS), "as-study"]
 
 
 @dataclass
@@ -266,6 +272,27 @@ def from_scratch(plan: Plan, head: str) -> None:
         evaluate(plan, run_dir, NEW_ROBOT, again)
 
 
+def seed_run_name(kind: str, head: str, seed: int) -> str:
+    """`ft-<head>-10` / `scratch-<head>-10` at seed 0 (the ft and scratch arms' runs), `...-seed<s>` otherwise."""
+    return f"{kind}-{head}-{REPEAT_DEMOS}" + (f"-seed{seed}" if seed else "")
+
+
+def repeat_seeds(plan: Plan, head: str) -> None:
+    """Fine-tune (routers free) and train from scratch at every seed of REPEAT_SEEDS, and at seed 0 if missing."""
+    pre = plan.work / f"pre-{head}"
+    if read_last(pre) is None:
+        raise RuntimeError(f"{pre} has no checkpoint: run the pre-{head} arm first")
+    mixture = str(new_robot_mixture(plan, REPEAT_DEMOS))
+    for seed in (0, *REPEAT_SEEDS):
+        seeds = ["--train.seed", str(seed), "--data.seed", str(seed)]
+        for kind, args in (("ft", ["--config", str(pre / "config.json"), "--train.init_from", str(pre / BL.LAST),
+                                   "--train.freeze_routers", "false"]),
+                           ("scratch", ["--preset", "tiny-cpu", *HEADS[head]])):
+            run_dir, again = train(plan, seed_run_name(kind, head, seed), [
+                *args, "--data.mixture", mixture, *plan.ft_args, *seeds])
+            evaluate(plan, run_dir, NEW_ROBOT, again)
+
+
 def pretrain_embodiments() -> list[str]:
     return [entry["embodiment"] for entry in yaml.safe_load(PRETRAIN_MIXTURE.read_text())["datasets"]]
 
@@ -359,6 +386,36 @@ def new_robot_rows(plan: Plan, head: str, kind: str) -> list[dict]:
     return rows
 
 
+def seeds_rows(plan: Plan, head: str) -> list[dict]:
+    """The fine-tune's gain over scratch across training seeds: pooled over every seed's episodes, and per seed.
+
+    Two standard errors are given: the binomial one of the pooled episodes (evaluation noise only) and the spread
+    of the per-seed differences over the square root of the number of seeds (training and evaluation noise, rough
+    with three seeds). `within_noise` uses the larger.
+    """
+    seeds = (0, *REPEAT_SEEDS)
+    counts = {kind: [success(plan.work / seed_run_name(kind, head, s) / f"eval-{NEW_ROBOT}") for s in seeds]
+              for kind in ("ft", "scratch")}
+    (ft, n_ft), (scratch, n_scratch) = ([sum(c[i] for c in counts[k]) for i in (0, 1)] for k in ("ft", "scratch"))
+    diff = ft / n_ft - scratch / n_scratch
+    se_pooled = (se(ft, n_ft) ** 2 + se(scratch, n_scratch) ** 2) ** 0.5
+    per_seed = [a / n - b / m for (a, n), (b, m) in zip(counts["ft"], counts["scratch"], strict=True)]
+    mean = sum(per_seed) / len(per_seed)
+    spread = (sum((d - mean) ** 2 for d in per_seed) / (len(per_seed) - 1)) ** 0.5
+    se_seeds = spread / len(per_seed) ** 0.5
+    figures = {"seeds": len(seeds), "ft_per_seed": [round(s / n, 3) for s, n in counts["ft"]],
+               "scratch_per_seed": [round(s / n, 3) for s, n in counts["scratch"]],
+               "ft_success": round(ft / n_ft, 3), "scratch_success": round(scratch / n_scratch, 3),
+               "episodes_each": n_ft, "se_difference_episodes": round(se_pooled, 3),
+               "se_difference_seeds": round(se_seeds, 3),
+               "within_noise": abs(diff) <= 2 * max(se_pooled, se_seeds)}
+    return [{"benchmark": f"hetero new robot seeds: {head}", "metric": f"fine-tuned from pre-{head} - from scratch, "
+             f"{REPEAT_DEMOS} demos/task, {len(seeds)} training seeds pooled", "value": round(diff, 3), "goal": "",
+             "met": None, "figures": figures,
+             "notes": f"Kinova3 (held out of pretraining), {FT_STEPS if not plan.quick else 4} steps a run, 50 "
+                      f"episodes a run; seeds {', '.join(map(str, seeds))} (`--train.seed`, `--data.seed`)"}]
+
+
 def router_gradients(run_dir: Path, mixture: Path, batches: int = 4) -> dict[str, float]:
     """Per `as` layer of a run's last checkpoint: how much of its router's training signal AS-Reg is.
 
@@ -449,6 +506,9 @@ def run_arm(plan: Plan, arm: str) -> list[dict]:
     if kind == "pre":
         pretrain(plan, head)
         return pretrain_rows(plan, head)
+    if kind == "seeds":
+        repeat_seeds(plan, head)
+        return seeds_rows(plan, head)
     if kind == "ft":
         fine_tune(plan, head)
     else:

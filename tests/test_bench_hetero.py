@@ -84,6 +84,38 @@ def test_new_robot_rows_give_the_difference_from_scratch_with_its_standard_error
         module.parse_arms("pre-sawyer")
 
 
+def test_the_seeds_arm_repeats_the_ten_demo_runs_at_other_seeds_and_pools_them(hetero, monkeypatch):
+    module, plan, calls = hetero
+    with pytest.raises(RuntimeError, match="run the pre-himoe arm first"):
+        module.repeat_seeds(plan, "himoe")
+    monkeypatch.setattr(module, "read_last", lambda run_dir: "step-000008")
+    module.repeat_seeds(plan, "himoe")
+    trains = [c for c in calls if "train.py" in c]
+    seeds = (0, *module.REPEAT_SEEDS)
+    assert [(flag(c, "--train.run_name"), flag(c, "--train.seed"), flag(c, "--data.seed")) for c in trains] == [
+        (module.seed_run_name(kind, "himoe", s), str(s), str(s)) for s in seeds for kind in ("ft", "scratch")]
+    assert module.seed_run_name("ft", "himoe", 0) == "ft-himoe-10"  # the ft arm's run, reused at seed 0
+    ft, scratch = trains[2], trains[3]
+    assert flag(ft, "--train.init_from").endswith("pre-himoe/last") and flag(ft, "--train.freeze_routers") == "false"
+    assert "--train.init_from" not in scratch and flag(scratch, "--action.layers") == "as,hb,hb,hb,hb,as"
+    assert {flag(c, "--data.mixture") for c in trains} == {str(plan.work / "new_robot_10.yaml")}
+    assert [flag(c, "--out") for c in calls if "eval/robosuite.py" in c] == [
+        str(plan.work / flag(c, "--train.run_name") / f"eval-{module.NEW_ROBOT}") for c in trains]
+
+    robot = module.NEW_ROBOT
+    for s, (ft_wins, scratch_wins) in zip(seeds, [(20, 10), (15, 10), (25, 10)], strict=True):
+        write_eval(plan.work / module.seed_run_name("ft", "dense", s) / f"eval-{robot}", ft_wins, 50)
+        write_eval(plan.work / module.seed_run_name("scratch", "dense", s) / f"eval-{robot}", scratch_wins, 50)
+    (row,) = module.seeds_rows(plan, "dense")
+    figures = row["figures"]
+    assert row["value"] == pytest.approx(0.2) and figures["ft_per_seed"] == [0.4, 0.3, 0.5]
+    assert figures["scratch_success"] == 0.2 and figures["episodes_each"] == 150
+    assert figures["se_difference_episodes"] == pytest.approx(round((0.4 * 0.6 / 150 + 0.2 * 0.8 / 150) ** 0.5, 3))
+    assert figures["se_difference_seeds"] == pytest.approx(round(0.1 / 3 ** 0.5, 3))  # per-seed 0.2, 0.1, 0.3
+    assert figures["within_noise"] is False
+    assert "seeds-dense" in module.arm_names() and module.parse_arms("seeds-mode") == ["seeds-mode"]
+
+
 def test_the_as_study_varies_only_the_as_reg_weight_and_reads_the_as_layers(hetero, monkeypatch):
     module, plan, calls = hetero
     module.as_study(plan)
