@@ -252,10 +252,16 @@ def ft_run_name(head: str, demos: int, frozen: bool) -> str:
     return f"ft-{head}-{demos}" + ("-frozen" if frozen else "")
 
 
-def fine_tune(plan: Plan, head: str) -> None:
+def pretrained(plan: Plan, head: str) -> Path:
+    """The pre-<head> run that fine-tunes start from; an error naming the arm to run when it has no checkpoint."""
     pre = plan.work / f"pre-{head}"
     if read_last(pre) is None:
         raise RuntimeError(f"{pre} has no checkpoint: run the pre-{head} arm first")
+    return pre
+
+
+def fine_tune(plan: Plan, head: str) -> None:
+    pre = pretrained(plan, head)
     for demos, frozen in fine_tunes(head):
         run_dir, again = train(plan, ft_run_name(head, demos, frozen), [
             "--config", str(pre / "config.json"), "--train.init_from", str(pre / BL.LAST),
@@ -279,9 +285,7 @@ def seed_run_name(kind: str, head: str, seed: int) -> str:
 
 def repeat_seeds(plan: Plan, head: str) -> None:
     """Fine-tune (routers free) and train from scratch at every seed of REPEAT_SEEDS, and at seed 0 if missing."""
-    pre = plan.work / f"pre-{head}"
-    if read_last(pre) is None:
-        raise RuntimeError(f"{pre} has no checkpoint: run the pre-{head} arm first")
+    pre = pretrained(plan, head)
     mixture = str(new_robot_mixture(plan, REPEAT_DEMOS))
     for seed in (0, *REPEAT_SEEDS):
         seeds = ["--train.seed", str(seed), "--data.seed", str(seed)]
