@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,40 +261,49 @@ def pretrained(plan: Plan, head: str) -> Path:
     return pre
 
 
-def fine_tune(plan: Plan, head: str) -> None:
+def scratch_run_name(head: str, demos: int) -> str:
+    return f"scratch-{head}-{demos}"
+
+
+def ft_args(plan: Plan, head: str, demos: int, frozen: bool) -> list[str]:
+    """`train.py` arguments of a fine-tune of pre-<head> on the new robot's demonstrations."""
     pre = pretrained(plan, head)
-    for demos, frozen in fine_tunes(head):
-        run_dir, again = train(plan, ft_run_name(head, demos, frozen), [
-            "--config", str(pre / "config.json"), "--train.init_from", str(pre / BL.LAST),
+    return ["--config", str(pre / "config.json"), "--train.init_from", str(pre / BL.LAST),
             "--data.mixture", str(new_robot_mixture(plan, demos)), "--train.freeze_routers", str(frozen).lower(),
-            *plan.ft_args])
+            *plan.ft_args]
+
+
+def scratch_args(plan: Plan, head: str, demos: int) -> list[str]:
+    """`train.py` arguments of the same head trained from scratch on the same demonstrations for the same steps."""
+    return ["--preset", "tiny-cpu", "--data.mixture", str(new_robot_mixture(plan, demos)), *plan.ft_args,
+            *HEADS[head]]
+
+
+def fine_tune(plan: Plan, head: str) -> None:
+    for demos, frozen in fine_tunes(head):
+        run_dir, again = train(plan, ft_run_name(head, demos, frozen), ft_args(plan, head, demos, frozen))
         evaluate(plan, run_dir, NEW_ROBOT, again)
 
 
 def from_scratch(plan: Plan, head: str) -> None:
     for demos in DEMOS:
-        run_dir, again = train(plan, f"scratch-{head}-{demos}", [
-            "--preset", "tiny-cpu", "--data.mixture", str(new_robot_mixture(plan, demos)), *plan.ft_args,
-            *HEADS[head]])
+        run_dir, again = train(plan, scratch_run_name(head, demos), scratch_args(plan, head, demos))
         evaluate(plan, run_dir, NEW_ROBOT, again)
 
 
 def seed_run_name(kind: str, head: str, seed: int) -> str:
-    """`ft-<head>-10` / `scratch-<head>-10` at seed 0 (the ft and scratch arms' runs), `...-seed<s>` otherwise."""
-    return f"{kind}-{head}-{REPEAT_DEMOS}" + (f"-seed{seed}" if seed else "")
+    """The ft / scratch arm's 10-demonstration run at seed 0 (reused), that name + `-seed<s>` otherwise."""
+    run = ft_run_name(head, REPEAT_DEMOS, False) if kind == "ft" else scratch_run_name(head, REPEAT_DEMOS)
+    return run + (f"-seed{seed}" if seed else "")
 
 
 def repeat_seeds(plan: Plan, head: str) -> None:
     """Fine-tune (routers free) and train from scratch at every seed of REPEAT_SEEDS, and at seed 0 if missing."""
-    pre = pretrained(plan, head)
-    mixture = str(new_robot_mixture(plan, REPEAT_DEMOS))
+    commands = {"ft": ft_args(plan, head, REPEAT_DEMOS, False), "scratch": scratch_args(plan, head, REPEAT_DEMOS)}
     for seed in (0, *REPEAT_SEEDS):
-        seeds = ["--train.seed", str(seed), "--data.seed", str(seed)]
-        for kind, args in (("ft", ["--config", str(pre / "config.json"), "--train.init_from", str(pre / BL.LAST),
-                                   "--train.freeze_routers", "false"]),
-                           ("scratch", ["--preset", "tiny-cpu", *HEADS[head]])):
-            run_dir, again = train(plan, seed_run_name(kind, head, seed), [
-                *args, "--data.mixture", mixture, *plan.ft_args, *seeds])
+        for kind, args in commands.items():
+            run_dir, again = train(plan, seed_run_name(kind, head, seed),
+                                   [*args, "--train.seed", str(seed), "--data.seed", str(seed)])
             evaluate(plan, run_dir, NEW_ROBOT, again)
 
 
@@ -313,6 +323,11 @@ def success(eval_dir: Path) -> tuple[int, int]:
 def se(successes: int, episodes: int) -> float:
     p = successes / max(episodes, 1)
     return (p * (1 - p) / max(episodes, 1)) ** 0.5
+
+
+def difference(a: tuple[int, int], b: tuple[int, int]) -> tuple[float, float]:
+    """Success rate of a minus that of b, each given as (successes, episodes), and its standard error."""
+    return a[0] / a[1] - b[0] / b[1], (se(*a) ** 2 + se(*b) ** 2) ** 0.5
 
 
 def final_loss(losses: list[tuple[int, float]]) -> float | None:
@@ -372,14 +387,14 @@ def new_robot_rows(plan: Plan, head: str, kind: str) -> list[dict]:
     """Rows of a head's fine-tunes (`kind` ft) or from-scratch runs (scratch), each beside its scratch arm."""
     rows = []
     runs = ([(ft_run_name(head, d, f), d, f) for d, f in fine_tunes(head)] if kind == "ft"
-            else [(f"scratch-{head}-{d}", d, False) for d in DEMOS])
+            else [(scratch_run_name(head, d), d, False) for d in DEMOS])
     for run, demos, frozen in runs:
         s, n = success(plan.work / run / f"eval-{NEW_ROBOT}")
         figures = {"successes": s, "episodes": n, "se": round(se(s, n), 3)}
-        scratch = plan.work / f"scratch-{head}-{demos}" / f"eval-{NEW_ROBOT}" / "results.json"
+        scratch = plan.work / scratch_run_name(head, demos) / f"eval-{NEW_ROBOT}" / "results.json"
         if kind == "ft" and scratch.is_file():
             s0, n0 = success(scratch.parent)
-            diff, se_diff = s / n - s0 / n0, (se(s, n) ** 2 + se(s0, n0) ** 2) ** 0.5
+            diff, se_diff = difference((s, n), (s0, n0))
             figures.update(scratch_success=round(s0 / n0, 3), difference=round(diff, 3),
                            se_difference=round(se_diff, 3), within_noise=abs(diff) <= 2 * se_diff)
         what = "fine-tuned from pre-" + head if kind == "ft" else "from scratch"
@@ -400,13 +415,10 @@ def seeds_rows(plan: Plan, head: str) -> list[dict]:
     seeds = (0, *REPEAT_SEEDS)
     counts = {kind: [success(plan.work / seed_run_name(kind, head, s) / f"eval-{NEW_ROBOT}") for s in seeds]
               for kind in ("ft", "scratch")}
-    (ft, n_ft), (scratch, n_scratch) = ([sum(c[i] for c in counts[k]) for i in (0, 1)] for k in ("ft", "scratch"))
-    diff = ft / n_ft - scratch / n_scratch
-    se_pooled = (se(ft, n_ft) ** 2 + se(scratch, n_scratch) ** 2) ** 0.5
-    per_seed = [a / n - b / m for (a, n), (b, m) in zip(counts["ft"], counts["scratch"], strict=True)]
-    mean = sum(per_seed) / len(per_seed)
-    spread = (sum((d - mean) ** 2 for d in per_seed) / (len(per_seed) - 1)) ** 0.5
-    se_seeds = spread / len(per_seed) ** 0.5
+    (ft, n_ft), (scratch, n_scratch) = pooled = [tuple(map(sum, zip(*counts[k], strict=True))) for k in ("ft", "scratch")]
+    diff, se_pooled = difference(*pooled)
+    per_seed = [difference(a, b)[0] for a, b in zip(counts["ft"], counts["scratch"], strict=True)]
+    se_seeds = statistics.stdev(per_seed) / len(per_seed) ** 0.5
     figures = {"seeds": len(seeds), "ft_per_seed": [round(s / n, 3) for s, n in counts["ft"]],
                "scratch_per_seed": [round(s / n, 3) for s, n in counts["scratch"]],
                "ft_success": round(ft / n_ft, 3), "scratch_success": round(scratch / n_scratch, 3),
